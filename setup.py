@@ -1,0 +1,42 @@
+"""Installs perceiver_jax: the Perceiver and Perceiver IO in JAX/Haiku."""
+
+import setuptools
+
+setuptools.setup(
+    name='perceiver_jax',
+    version='0.1.0',
+    description=(
+        'Perceiver (Jaegle et al. 2021) training framework on JAX, Haiku, '
+        'optax and jaxline.'),
+    packages=setuptools.find_packages(
+        include=['perceiver_jax', 'perceiver_jax.*', 'experiments',
+                 'experiments.*', 'configs', 'configs.*', 'scripts',
+                 'scripts.*']),
+    python_requires='>=3.11',
+    install_requires=[
+        'jax>=0.10',
+        'jaxlib>=0.10',
+        'dm-haiku>=0.0.13',
+        'optax>=0.2.4',
+        'jaxline>=0.0.8',
+        'ml-collections>=0.1.1',
+        'tensorflow-cpu>=2.16',
+        'tensorflow-datasets>=4.9.6',
+        'importlib_resources>=6.0',
+        'tensorboard>=2.16',
+        'orbax-checkpoint>=0.11',
+        'numpy>=1.26',
+        'scikit-learn>=1.4',
+        'h5py>=3.10',
+    ],
+    extras_require={
+        'test': ['pytest>=8.0', 'pytest-xdist>=3.5'],
+        'audio': ['av>=12.0'],
+    },
+    entry_points={
+        'console_scripts': [
+            'perceiver-train=scripts.train:run',
+            'perceiver-evaluate=scripts.evaluate:run',
+        ],
+    },
+)

@@ -1,0 +1,88 @@
+"""Helpers shared by the config files: presets and the jaxline skeleton.
+
+A config is selected as `--config=configs/<exp>.py:<arg>` where arg is a
+comma-separated list of presets and typed options, e.g. `permuted,debug` or
+`pos=learned,seed=3`. `parse_arg` turns it into a typed ConfigDict; an
+unknown name is an error, never silently ignored.
+"""
+
+from typing import Any, Optional
+
+from jaxline import base_config
+import ml_collections
+
+
+def parse_arg(arg: Optional[str], **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses 'a,b=1,c=x' against typed defaults.
+
+  A bare name sets a boolean option to True; `name=value` converts value to
+  the type of the default (bool accepts true/false/1/0).
+
+  Raises:
+    ValueError: for a name not in defaults or a value of the wrong type.
+  """
+  options = dict(defaults)
+  for item in filter(None, (s.strip() for s in (arg or '').split(','))):
+    name, has_value, value = item.partition('=')
+    if name not in defaults:
+      raise ValueError(f'Unknown config option {name!r} in {arg!r}; valid '
+                       f'options: {sorted(defaults)}.')
+    default = defaults[name]
+    if not has_value:
+      if not isinstance(default, bool):
+        raise ValueError(f'Config option {name!r} needs a value: {name}=...')
+      options[name] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'Config option {name}={value!r} is not a bool.')
+      options[name] = value.lower() in ('true', '1')
+    elif default is None or isinstance(default, str):
+      options[name] = value
+    else:
+      try:
+        options[name] = type(default)(value)
+      except ValueError:
+        raise ValueError(f'Config option {name}={value!r} is not a '
+                         f'{type(default).__name__}.') from None
+  return ml_collections.ConfigDict(options)
+
+
+def jaxline_config(
+    *, experiment: ml_collections.ConfigDict, training_steps: int,
+    checkpoint_dir: str, best_metric: str = 'top_1_acc',
+    save_checkpoint_interval: int = 1000, log_interval: int = 100,
+    eval_initial_weights: bool = False) -> ml_collections.ConfigDict:
+  """jaxline's base config around our experiment section.
+
+  Intervals are in steps, so that all hosts checkpoint at the same step.
+  """
+  config = base_config.get_base_config()
+  config.experiment_kwargs = ml_collections.ConfigDict(
+      dict(config=experiment))
+  config.training_steps = training_steps
+  config.interval_type = 'steps'
+  config.save_checkpoint_interval = save_checkpoint_interval
+  config.log_tensors_interval = log_interval
+  config.log_train_data_interval = log_interval
+  config.log_async = False
+  config.checkpoint_dir = checkpoint_dir
+  config.max_checkpoints_to_keep = 3
+  config.best_model_eval_metric = best_metric
+  config.best_model_eval_metric_higher_is_better = True
+  config.eval_initial_weights = eval_initial_weights
+  # Multi-host: set these (or the matching scripts/train.py flags) to run
+  # jax.distributed.initialize; on Cloud TPU it is automatic.
+  config.distributed = ml_collections.ConfigDict(dict(
+      enabled=False, coordinator_address='', num_processes=1,
+      process_id=0))
+  return config
+
+
+def optimizer(name: str = 'lamb', base_lr: float = 4e-3,
+              weight_decay: float = 0.1, clip_grad_norm: float = 10.0,
+              schedule: str = 'step_decay', **schedule_kwargs: Any
+              ) -> ml_collections.ConfigDict:
+  """An optimizer section (see perceiver_jax/training/optimizers.py)."""
+  return ml_collections.ConfigDict(dict(
+      name=name, base_lr=base_lr, weight_decay=weight_decay,
+      clip_grad_norm=clip_grad_norm, schedule=schedule, **schedule_kwargs))

@@ -1,0 +1,168 @@
+r"""ImageNet (ILSVRC-2012) with the Perceiver: P1 Tab. 1 and its ablations.
+
+Default: P1 Tab. 1 "Perceiver (FF)", 78.0% top-1 (paper).
+  224x224 crops as M = 50,176 pixels x 261 channels (RGB + 2D Fourier
+  features, 64 bands, max resolution 224); 512 x 1024 latents; 8 cross-attends
+  (1 head) interleaved with a 6-block latent Transformer (8 heads), widening 1;
+  cross-attend 1 unshared, 2..8 shared, latent Transformer shared: 44.9M
+  params, 707.2B FLOPs. LAMB 4e-3, /10 at epochs 84, 102, 114 of 120, batch
+  1024, weight decay 0.1, clip 10, label smoothing 0.1, RandAugment 4/5.
+
+  python scripts/train.py --config=configs/imagenet.py \
+      --config.experiment_kwargs.config.data.data_dir=/path/to/tfds \
+      --config.checkpoint_dir=gs://bucket/perceiver_imagenet
+
+Presets (comma-separated after ':'):
+  one_cross   P1 Tab. 6 "1 cross-attend at start": 42.1M params, 404.3B
+              FLOPs, 76.7% expected.
+  unshared    P1 Tab. 7, no weight sharing: 326.2M params, 72.9% expected.
+  p2          P2 Tab. 5 config A: 1 cross-attend, 8 x 6 shared blocks, one
+              1024-wide learned query decoder (48.4M params, 79.0%); LAMB 2e-3
+              constant 55 epochs then cosine over 55; MixUp 0.2 + CutMix.
+  bench_a     benchmark: 64x64 images (M = 4,096, 133 channels: 32 bands,
+              max resolution 64), 1 cross-attend, 128 x 256 latents, 6 blocks,
+              widening 4, batch 16.
+  bench_b     benchmark: 128x128 images (M = 16,384), 256 x 512 latents,
+              otherwise bench_a, batch 8.
+  debug       16x16 images, a tiny model and a few steps (tests).
+  seed=N      initialisation / data-order seed.
+
+Deviations: weight decay, clipping and label smoothing are not stated in P1;
+the values above are those of the released Perceiver IO code (P2). P1's
+batch size is inferred (1024 on 64 TPUv3).
+"""
+
+from typing import Optional
+
+from configs import common
+import ml_collections
+
+NUM_TRAIN = 1_281_167
+NUM_CLASSES = 1000
+
+
+def image_model(*, image_size: int, num_freq_bands: int = 64,
+                num_latents: int = 512, latent_dim: int = 1024,
+                num_cross_attends: int = 8, num_blocks: int = 8,
+                num_self_attends_per_block: int = 6,
+                widening_factor: int = 1, decoder: str = 'average',
+                position_encoding_type: str = 'fourier',
+                permutation_seed: Optional[int] = None
+                ) -> ml_collections.ConfigDict:
+  """The model section of an image classification Perceiver."""
+  preprocessor = dict(type='image', prep_type='pixels',
+                      position_encoding_type=position_encoding_type,
+                      num_freq_bands=num_freq_bands,
+                      max_resolution=(image_size, image_size),
+                      permutation_seed=permutation_seed)
+  if position_encoding_type == 'learned':
+    preprocessor.update(learned_pos_channels=128, learned_pos_init_scale=1.0)
+  decoders = {
+      'average': dict(type='average', num_classes=NUM_CLASSES),
+      'query': dict(type='query', num_classes=NUM_CLASSES,
+                    query_channels=1024),
+  }
+  return ml_collections.ConfigDict(dict(
+      preprocessor=preprocessor,
+      encoder=dict(
+          num_latents=num_latents, latent_dim=latent_dim,
+          num_cross_attends=num_cross_attends, num_blocks=num_blocks,
+          num_self_attends_per_block=num_self_attends_per_block,
+          num_cross_heads=1, num_self_heads=8,
+          cross_widening_factor=widening_factor,
+          self_widening_factor=widening_factor, share_cross_attends=True,
+          share_latent_transformer=True, dropout_prob=0.0),
+      decoder=decoders[decoder],
+  ))
+
+
+def imagenet_data(image_size: int = 224) -> ml_collections.ConfigDict:
+  """The data section (fields: perceiver_jax/data/imagenet.py)."""
+  return ml_collections.ConfigDict(dict(
+      name='imagenet', train_split='train', eval_split='validation',
+      num_train_examples=NUM_TRAIN, num_classes=NUM_CLASSES,
+      input_shape=(image_size, image_size, 3), image_size=image_size,
+      data_dir=ml_collections.FieldReference(None, field_type=str),
+      manual_dir=ml_collections.FieldReference(None, field_type=str),
+      randaugment_layers=4, randaugment_magnitude=5,
+      mixup_alpha=0.0, cutmix_alpha=0.0, shuffle_buffer=10_000,
+      deterministic=False))
+
+
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
+  options = common.parse_arg(arg, one_cross=False, unshared=False, p2=False,
+                             bench_a=False, bench_b=False, debug=False,
+                             seed=0)
+  return build_config(options, name='imagenet')
+
+
+def build_config(options: ml_collections.ConfigDict, *, name: str,
+                 permutation_seed: Optional[int] = None,
+                 position_encoding_type: str = 'fourier'
+                 ) -> ml_collections.ConfigDict:
+  """The ImageNet config for parsed options (shared with the permuted file)."""
+  num_epochs = 120
+  model = image_model(image_size=224, permutation_seed=permutation_seed,
+                      position_encoding_type=position_encoding_type)
+  optimizer = common.optimizer(
+      name='lamb', base_lr=4e-3, weight_decay=0.1, clip_grad_norm=10.0,
+      schedule='step_decay', decay_epochs=(84, 102, 114), decay_factor=10.0)
+  data = imagenet_data(224)
+
+  if options.get('one_cross') or position_encoding_type == 'learned':
+    model.encoder.num_cross_attends = 1
+  if options.get('unshared'):
+    model.encoder.share_cross_attends = False
+    model.encoder.share_latent_transformer = False
+  if options.get('p2'):
+    num_epochs = 110
+    model = image_model(image_size=224, num_cross_attends=1,
+                        decoder='query', permutation_seed=permutation_seed)
+    optimizer = common.optimizer(
+        name='lamb', base_lr=2e-3, weight_decay=0.1, clip_grad_norm=10.0,
+        schedule='constant_cosine', constant_fraction=0.5)
+    data.mixup_alpha, data.cutmix_alpha = 0.2, 1.0
+
+  batch_size = 1024
+  for bench, size, latents, batch in (('bench_a', 64, (128, 256), 16),
+                                      ('bench_b', 128, (256, 512), 8)):
+    if options.get(bench):
+      model = image_model(
+          image_size=size, num_freq_bands=32, num_latents=latents[0],
+          latent_dim=latents[1], num_cross_attends=1, num_blocks=1,
+          widening_factor=4)
+      data = imagenet_data(size)
+      batch_size = batch
+
+  training_steps = num_epochs * NUM_TRAIN // batch_size
+  eval_batch_size = 1000
+  if options.debug:
+    model = image_model(image_size=16, num_freq_bands=4, num_latents=8,
+                        latent_dim=16, num_cross_attends=2, num_blocks=2,
+                        num_self_attends_per_block=1,
+                        position_encoding_type=position_encoding_type,
+                        permutation_seed=permutation_seed)
+    model.encoder.num_self_heads = 2
+    if position_encoding_type == 'learned':
+      model.preprocessor.learned_pos_channels = 8
+    data = imagenet_data(16)
+    data.randaugment_layers = 1
+    batch_size, eval_batch_size, training_steps = 16, 16, 4
+
+  experiment = ml_collections.ConfigDict(dict(
+      experiment='classification', data=data, model=model,
+      optimizer=optimizer,
+      training=dict(batch_size=batch_size, label_smoothing=0.1,
+                    precision='float32', data_seed=options.seed,
+                    log_every_steps=100, total_steps=training_steps),
+      evaluation=dict(batch_size=eval_batch_size, per_class_metrics=False),
+  ))
+  config = common.jaxline_config(
+      experiment=experiment, training_steps=training_steps,
+      checkpoint_dir=f'/tmp/perceiver_jax/{name}',
+      save_checkpoint_interval=2000, log_interval=100)
+  config.random_seed = options.seed
+  exp = config.experiment_kwargs.config
+  exp.training.total_steps = config.get_ref('training_steps')
+  config.lock()
+  return config

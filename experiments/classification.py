@@ -1,0 +1,277 @@
+"""jaxline experiment: single-label classification with a Perceiver.
+
+Anatomy (jaxline): the experiment is built once per process; parameters and
+optimizer state are created lazily on the first step (or restored from a
+checkpoint first), replicated over the local devices, and updated by one
+pmapped, buffer-donating function. Gradients are averaged over every device
+of every host (one pmap axis spans all hosts). Evaluation runs on every
+device and counts every example exactly once: loaders pad the last batch and
+mark the padding in batch['mask'].
+
+The config (experiment_kwargs.config) has sections data / model / optimizer /
+training / evaluation; see configs/digits.py for a documented example.
+"""
+
+import functools
+import time
+from typing import Any, Iterator, Mapping, Optional
+
+from absl import logging
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from perceiver_jax import data as data_lib
+from perceiver_jax import models
+from perceiver_jax.modules import perceiver
+from perceiver_jax.training import checkpointing
+from perceiver_jax.training import jaxline_compat
+from perceiver_jax.training import losses
+from perceiver_jax.training import metrics
+from perceiver_jax.training import optimizers
+from perceiver_jax.training import parallel
+from perceiver_jax.training import precision
+
+jaxline = jaxline_compat.import_jaxline()
+_AXIS = parallel.AXIS_NAME
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
+  """Trains and evaluates a Perceiver classifier (softmax cross-entropy)."""
+
+  # Attributes saved in checkpoints (taken from the first local device).
+  CHECKPOINT_ATTRS = {'_params': 'params', '_opt_state': 'opt_state'}
+
+  def __init__(self, mode: str, init_rng: jax.Array,
+               config: ml_collections.ConfigDict):
+    super().__init__(mode=mode, init_rng=init_rng)
+    self.mode = mode
+    self.config = config
+    self._init_rng = init_rng
+    precision.apply_policy(config.training.precision, [perceiver.Perceiver])
+    self.forward = models.make_forward(config.model)
+    self._data = data_lib.get_module(config.data.name)
+
+    self._params = None
+    self._opt_state = None
+    self._train_input: Optional[Iterator[Mapping[str, Any]]] = None
+    self._stop_votes = 0
+    self._last_log = None
+
+    self._train_batch_dims = parallel.batch_dims(config.training.batch_size,
+                                                 'training.batch_size')
+    self._eval_batch_dims = parallel.batch_dims(config.evaluation.batch_size,
+                                                'evaluation.batch_size')
+    steps_per_epoch = max(
+        1, config.data.num_train_examples // config.training.batch_size)
+    self._optimizer, self._schedule = optimizers.make_optimizer(
+        config.optimizer, steps_per_epoch=steps_per_epoch,
+        total_steps=config.training.total_steps)
+    self._update_pmap = jax.pmap(self._update_fn, axis_name=_AXIS,
+                                 donate_argnums=(0, 1))
+    self._eval_pmap = jax.pmap(self._eval_fn, axis_name=_AXIS)
+
+  # Training.
+
+  def step(self, *, global_step: jax.Array, rng: jax.Array,
+           writer: Any = None) -> dict[str, np.ndarray]:
+    """One update on a global batch; returns scalars logged by jaxline."""
+    del writer
+    if self._train_input is None:
+      self._initialize_train()
+    batch = next(self._train_input)
+    stop = np.full([jax.local_device_count()],
+                   checkpointing.stop_requested(), np.int32)
+    self._params, self._opt_state, scalars = self._update_pmap(
+        self._params, self._opt_state, global_step, rng, batch, stop)
+    scalars = jax.device_get(jaxline.utils.get_first(scalars))
+    step = int(jaxline.utils.get_first(global_step))
+    self._stop_votes = int(scalars.pop('stop_votes'))
+    if not np.isfinite(scalars['loss']):
+      raise NonFiniteLossError(
+          f'Loss is {scalars["loss"]} at step {step}; stopping. The last '
+          'checkpoint saved before this step is left untouched.')
+    scalars.update(self._throughput(step))
+    return scalars
+
+  def should_run_step(self, global_step: int,
+                      config: ml_collections.ConfigDict) -> bool:
+    """Stops at training_steps, or early (and saves) when any host is asked
+    to (SIGTERM/SIGINT): every host sees the same vote through the update."""
+    if self._stop_votes:
+      logging.warning('Stop requested at step %d: saving and exiting.',
+                      global_step)
+      return False
+    return global_step < config.training_steps
+
+  def _throughput(self, step: int) -> dict[str, float]:
+    now = time.time()
+    if self._last_log is None:
+      self._last_log = (now, step)
+      return {}
+    last_time, last_step = self._last_log
+    if now - last_time < 1e-6 or step == last_step:
+      return {}
+    steps_per_sec = (step - last_step) / (now - last_time)
+    self._last_log = (now, step)
+    remaining = self.config.training.total_steps - step - 1
+    every = self.config.training.log_every_steps
+    if every and (step + 1) % every == 0:
+      logging.info('step %d/%d  steps/sec %.2f  ETA %s', step + 1,
+                   self.config.training.total_steps, steps_per_sec,
+                   time.strftime('%H:%M:%S',
+                                 time.gmtime(remaining / steps_per_sec)))
+    return {'steps_per_sec': steps_per_sec,
+            'examples_per_sec': steps_per_sec * self.config.training.batch_size}
+
+  def _initialize_train(self) -> None:
+    self._train_input = self._build_input(is_training=True)
+    if self._params is None:
+      self._initialize_params(self._peek_train_batch())
+
+  def _peek_train_batch(self) -> Mapping[str, Any]:
+    first = next(self._train_input)
+    rest = self._train_input
+
+    def chained():
+      yield first
+      yield from rest
+
+    self._train_input = chained()
+    return first
+
+  def _initialize_params(self, batch: Mapping[str, Any]) -> None:
+    """Creates params and optimizer state, identical on every host."""
+    inputs = jax.tree.map(lambda x: x[0], batch['inputs'])  # One device.
+    params = self.forward.init(self._init_rng, inputs, is_training=True)
+    opt_state = self._optimizer.init(params)
+    self._params = parallel.replicate(params)
+    self._opt_state = parallel.replicate(opt_state)
+
+  def _build_input(self, is_training: bool) -> Iterator[Mapping[str, Any]]:
+    data = self.config.data
+    if is_training:
+      return self._data.load(
+          data, data.train_split, is_training=True,
+          batch_dims=self._train_batch_dims,
+          seed=self.config.training.data_seed + jax.process_index())
+    return self._data.load(data, data.eval_split, is_training=False,
+                           batch_dims=self._eval_batch_dims, seed=0)
+
+  def loss(self, logits: jax.Array, batch: Mapping[str, Any]) -> jax.Array:
+    """Per-example training loss [B]."""
+    labels = batch['label_probs'] if 'label_probs' in batch else batch['label']
+    return losses.softmax_cross_entropy(
+        logits, labels, label_smoothing=self.config.training.label_smoothing)
+
+  def _update_fn(self, params: hk.Params, opt_state: optax.OptState,
+                 global_step: jax.Array, rng: jax.Array,
+                 batch: Mapping[str, Any], stop: jax.Array):
+    """Runs on each device: gradients of the mean loss over all devices."""
+    mask = batch['mask']
+    count = jax.lax.psum(jnp.sum(mask), _AXIS)
+
+    def loss_fn(p):
+      logits = self.forward.apply(p, rng, batch['inputs'], is_training=True)
+      per_example = self.loss(logits, batch)
+      # Local sum over the global count: psum of these is the global mean.
+      return jnp.sum(per_example * mask) / count, logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    grads = jax.lax.psum(grads, _AXIS)
+    updates, opt_state = self._optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    scalars = {
+        'loss': jax.lax.psum(loss, _AXIS),
+        'learning_rate': self._schedule(global_step),
+        'grad_norm': optax.global_norm(grads),
+        'stop_votes': jax.lax.psum(stop, _AXIS),
+    }
+    scalars.update(self._train_metrics(logits, batch, mask, count))
+    return params, opt_state, scalars
+
+  def _train_metrics(self, logits, batch, mask, count):
+    top1 = metrics.topk_correct(logits, batch['label'], 1)
+    return {'top_1_acc': jax.lax.psum(jnp.sum(top1 * mask), _AXIS) / count}
+
+  # Evaluation.
+
+  def evaluate(self, *, global_step: jax.Array, rng: jax.Array,
+               writer: Any = None) -> dict[str, float]:
+    """One pass over the eval split on all devices of all hosts."""
+    del rng, writer
+    if self._params is None:
+      raise RuntimeError(
+          'No parameters to evaluate: restore a checkpoint first, or set '
+          'eval_initial_weights.')
+    totals = None
+    for batch in self._build_input(is_training=False):
+      sums = jax.device_get(jaxline.utils.get_first(
+          self._eval_pmap(self._params, batch)))
+      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    if totals is None:
+      raise ValueError(f'Eval split {self.config.data.eval_split!r} is empty.')
+    results = self.summarize_eval(totals)
+    logging.info('eval at step %d: %s', int(jaxline.utils.get_first(
+        global_step)), {k: round(float(v), 4) for k, v in results.items()})
+    return results
+
+  def _eval_fn(self, params: hk.Params, batch: Mapping[str, Any]):
+    """Sums over this batch on all devices (psum): counts, correct, loss."""
+    logits = self.forward.apply(params, None, batch['inputs'],
+                                is_training=False)
+    mask = batch['mask']
+    labels = batch['label']
+    sums = {
+        'count': jnp.sum(mask),
+        'loss': jnp.sum(losses.softmax_cross_entropy(logits, labels) * mask),
+        'top_1': jnp.sum(metrics.topk_correct(logits, labels, 1) * mask),
+    }
+    if logits.shape[-1] > 5:
+      sums['top_5'] = jnp.sum(metrics.topk_correct(logits, labels, 5) * mask)
+    if self.config.evaluation.per_class_metrics:
+      num_classes = logits.shape[-1]
+      preds = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
+      truth = jax.nn.one_hot(labels, num_classes) * mask[:, None]
+      sums['confusion'] = truth.T @ preds  # [K_true, K_pred]
+    return jax.lax.psum(sums, _AXIS)
+
+  def summarize_eval(self, totals: Mapping[str, np.ndarray]
+                     ) -> dict[str, float]:
+    count = float(totals['count'])
+    results = {'num_examples': count,
+               'loss': float(totals['loss']) / count,
+               'top_1_acc': float(totals['top_1']) / count}
+    if 'top_5' in totals:
+      results['top_5_acc'] = float(totals['top_5']) / count
+    if 'confusion' in totals:
+      confusion = np.rint(totals['confusion']).astype(np.int64)
+      results['mean_class_acc'] = float(
+          metrics.mean_class_accuracy(confusion))
+      per_class = metrics.per_class_accuracy(confusion)
+      for k, acc in enumerate(per_class):
+        if np.isfinite(acc):
+          results[f'class_acc/{k:03d}'] = float(acc)
+    return results
+
+  # Checkpoints (see perceiver_jax/training/checkpointing.py).
+
+  def restore_from_snapshot(self, snapshot_state: Mapping[str, Any]) -> None:
+    """Puts checkpointed arrays back, replicated over the local devices."""
+    for attr_name, chk_name in self.CHECKPOINT_ATTRS.items():
+      value = snapshot_state[chk_name]
+      template = getattr(self, attr_name)
+      if template is not None:
+        value = checkpointing.restore_structure(
+            jaxline.utils.get_first(template), value)
+      elif attr_name == '_opt_state':
+        value = checkpointing.restore_structure(
+            self._optimizer.init(snapshot_state['params']), value)
+      setattr(self, attr_name, parallel.replicate(value))

@@ -1,0 +1,108 @@
+"""Tests for the attention function and the attention/MLP blocks."""
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perceiver_jax.modules import attention
+
+
+def _numpy_attention(q, k, v, mask=None):
+  """softmax(q k^T / sqrt(K)) v per head, in float64 NumPy loops."""
+  b, n, h, d = q.shape
+  out = np.zeros((b, n, h, v.shape[-1]))
+  for bi in range(b):
+    for hi in range(h):
+      logits = q[bi, :, hi] @ k[bi, :, hi].T / np.sqrt(d)  # [N, M]
+      for ni in range(n):
+        keep = np.ones(k.shape[1], bool) if mask is None else mask[bi]
+        if not keep.any():
+          continue
+        w = np.exp(logits[ni, keep] - logits[ni, keep].max())
+        out[bi, ni, hi] = (w / w.sum()) @ v[bi, keep, hi]
+  return out
+
+
+def test_attention_matches_numpy():
+  rng = np.random.default_rng(0)
+  q, k = rng.normal(size=(2, 3, 4, 8)), rng.normal(size=(2, 5, 4, 8))
+  v = rng.normal(size=(2, 5, 4, 6))
+  got = attention.dot_product_attention(
+      *(jnp.asarray(x, jnp.float32) for x in (q, k, v)))
+  assert got.shape == (2, 3, 4, 6)
+  np.testing.assert_allclose(got, _numpy_attention(q, k, v), atol=1e-5)
+
+
+def test_key_mask_equals_dropping_keys_and_empty_rows_are_zero():
+  rng = np.random.default_rng(1)
+  q, k = rng.normal(size=(2, 3, 2, 4)), rng.normal(size=(2, 6, 2, 4))
+  v = rng.normal(size=(2, 6, 2, 4))
+  mask = np.array([[1, 1, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]], bool)
+  got = attention.dot_product_attention(
+      *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), mask=mask)
+  np.testing.assert_allclose(got, _numpy_attention(q, k, v, mask), atol=1e-5)
+  np.testing.assert_array_equal(got[1], 0.0)
+
+
+def test_bad_mask_shape_raises():
+  x = jnp.ones((2, 3, 1, 4))
+  with pytest.raises(ValueError, match='mask'):
+    attention.dot_product_attention(x, x, x, mask=jnp.ones((2, 4), bool))
+
+
+def _init_apply(fn, *args):
+  f = hk.transform(fn)
+  params = f.init(jax.random.key(0), *args)
+  return params, f.apply(params, None, *args)
+
+
+def test_cross_attention_widths_default_to_kv_width():
+  latents, inputs = jnp.ones((2, 4, 16)), jnp.ones((2, 10, 6))
+  params, out = _init_apply(
+      lambda q, kv: attention.CrossAttention(name='cross')(
+          q, kv, is_training=False), latents, inputs)
+  assert out.shape == (2, 4, 16)
+  assert params['cross/attention/query']['w'].shape == (16, 6)
+  assert params['cross/attention/key']['w'].shape == (6, 6)
+  assert params['cross/attention/value']['w'].shape == (6, 6)
+  assert params['cross/attention/output']['w'].shape == (6, 16)
+  assert params['cross/mlp/hidden']['w'].shape == (16, 16)
+
+
+def test_query_residual_off_changes_output():
+  q, kv = jax.random.normal(jax.random.key(1), (1, 2, 8)), jnp.ones((1, 3, 8))
+  fns = [hk.transform(lambda a, b, r=r: attention.CrossAttention(
+      use_query_residual=r, name='c')(a, b, is_training=False))
+         for r in (True, False)]
+  params = fns[0].init(jax.random.key(0), q, kv)
+  with_res, without = (f.apply(params, None, q, kv) for f in fns)
+  assert not np.allclose(with_res, without)
+
+
+def test_self_attention_and_mlp_shapes():
+  x = jnp.ones((2, 5, 16))
+  params, out = _init_apply(
+      lambda x: attention.SelfAttention(num_heads=4, widening_factor=4,
+                                        name='sa')(x, is_training=False), x)
+  assert out.shape == x.shape
+  assert params['sa/mlp/hidden']['w'].shape == (16, 64)
+
+
+def test_heads_must_divide_width():
+  with pytest.raises(ValueError, match='not divisible by num_heads=3'):
+    _init_apply(lambda x: attention.SelfAttention(num_heads=3)(
+        x, is_training=False), jnp.ones((1, 2, 16)))
+
+
+def test_dropout_only_in_training():
+  x = jax.random.normal(jax.random.key(3), (2, 5, 16))
+  f = hk.transform(lambda x, t: attention.SelfAttention(
+      num_heads=2, dropout_prob=0.5)(x, is_training=t))
+  params = f.init(jax.random.key(0), x, True)
+  eval_out = f.apply(params, None, x, False)
+  a = f.apply(params, jax.random.key(1), x, True)
+  b = f.apply(params, jax.random.key(2), x, True)
+  assert not np.allclose(a, b)
+  np.testing.assert_allclose(eval_out, f.apply(params, None, x, False))

@@ -9,13 +9,15 @@ constructor arguments of the chosen class:
 
 A preprocessor's `permutation_seed` (int or None) applies one fixed
 permutation of the M inputs after position features are attached: permuted
-ImageNet (P1 Sec. 4.2, Tab. 2).
+ImageNet (P1 Sec. 4.2, Tab. 2). Its `input_key` (optional) picks one entry
+of dict-valued inputs (e.g. 'audio' of an AudioSet batch).
 """
 
 from typing import Any, Callable, Mapping, Optional
 
 import haiku as hk
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from perceiver_jax.modules import perceiver
@@ -57,6 +59,21 @@ class PermutedPreprocessor(hk.Module):
     return x, mask
 
 
+class _SelectInput(hk.Module):
+  """Feeds `inputs[key]` of dict-valued inputs to a preprocessor."""
+
+  def __init__(self, preprocessor: Callable[..., Any], key: str):
+    super().__init__(name=None)
+    self._preprocessor = preprocessor
+    self._key = key
+
+  def __call__(self, inputs: Any, *, is_training: bool):
+    if not hasattr(inputs, 'keys') or self._key not in inputs:
+      raise ValueError(f'Expected a dict of inputs with key {self._key!r}, '
+                       f'got {jax.tree.map(jnp.shape, inputs)}.')
+    return self._preprocessor(inputs[self._key], is_training=is_training)
+
+
 def _kwargs(section: ml_collections.ConfigDict, *drop: str) -> dict[str, Any]:
   kwargs = section.to_dict()
   for key in drop:
@@ -72,19 +89,32 @@ def _lookup(table: Mapping[str, Any], kind: str, what: str):
 
 
 def build_preprocessor(section: ml_collections.ConfigDict,
-                       name: Optional[str] = None):
-  """Returns the preprocessor module a config section describes."""
+                       name: Optional[str] = None, *,
+                       select_input: bool = True):
+  """Returns the preprocessor module a config section describes.
+
+  Args:
+    section: the preprocessor config section.
+    name: module name.
+    select_input: honour `input_key`; False for the modalities of a
+      multimodal preprocessor, which receive their own input already.
+  """
   kind = section.type
   if kind == 'multimodal':
     modalities = {
-        modality: build_preprocessor(sub, name=f'{modality}_preprocessor')
+        modality: build_preprocessor(sub, name=f'{modality}_preprocessor',
+                                     select_input=False)
         for modality, sub in section.modalities.items()}
     module = preprocessors.MultimodalPreprocessor(
         modalities, name=name,
-        **_kwargs(section, 'type', 'modalities', 'permutation_seed'))
+        **_kwargs(section, 'type', 'modalities', 'permutation_seed',
+                  'input_key'))
   else:
     cls = _lookup(PREPROCESSORS, kind, 'preprocessor')
-    module = cls(name=name, **_kwargs(section, 'type', 'permutation_seed'))
+    module = cls(name=name, **_kwargs(section, 'type', 'permutation_seed',
+                                      'input_key'))
+  if select_input and kind != 'multimodal' and section.get('input_key'):
+    module = _SelectInput(module, section.input_key)
   seed = section.get('permutation_seed')
   if seed is not None:
     module = PermutedPreprocessor(module, seed, name='permutation')

@@ -1,0 +1,61 @@
+"""Every config and preset loads, is locked, and rejects typos."""
+
+import glob
+import os
+
+import ml_collections
+from ml_collections import config_flags
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PRESETS = {
+    'digits.py': [None, 'permuted', 'debug', 'permuted,debug,seed=3'],
+    'imagenet.py': [None, 'one_cross', 'unshared', 'p2', 'bench_a',
+                    'bench_b', 'debug'],
+    'imagenet_permuted.py': [None, 'pos=fourier', 'pos=learned',
+                             'pos=learned,debug'],
+    'audioset.py': [None, 'modality=audio', 'modality=video',
+                    'modality=audio_video', 'modality=audio,audio=mel',
+                    'modality=audio_video,audio=mel', 'p2', 'debug',
+                    'modality=audio_video,debug'],
+    'modelnet40.py': [None, 'debug'],
+}
+
+
+def _load(name, arg):
+  path = os.path.join(_ROOT, 'configs', name)
+  module = config_flags.config_flags._LoadConfigModule(name, path)  # pylint: disable=protected-access
+  return module.get_config(arg)
+
+
+def test_every_config_file_is_listed():
+  files = {os.path.basename(p) for p in glob.glob(
+      os.path.join(_ROOT, 'configs', '*.py'))}
+  assert files - {'__init__.py', 'common.py'} == set(PRESETS)
+
+
+@pytest.mark.parametrize('name, arg', [
+    (name, arg) for name, args in PRESETS.items() for arg in args])
+def test_config_loads_locked(name, arg):
+  config = _load(name, arg)
+  assert isinstance(config, ml_collections.ConfigDict)
+  assert config.is_locked
+  exp = config.experiment_kwargs.config
+  for section in ('data', 'model', 'optimizer', 'training', 'evaluation'):
+    assert section in exp
+  assert exp.training.total_steps == config.training_steps
+  with pytest.raises(AttributeError):
+    exp.model.encoder.num_latentz = 3  # A typo must not pass silently.
+
+
+@pytest.mark.parametrize('name', sorted(PRESETS))
+def test_unknown_preset_is_an_error(name):
+  with pytest.raises(ValueError, match='Unknown config option'):
+    _load(name, 'no_such_preset')
+
+
+def test_overrides_follow_references():
+  config = _load('digits.py', None)
+  config.training_steps = 7
+  assert config.experiment_kwargs.config.training.total_steps == 7

@@ -1,0 +1,57 @@
+"""Paper parameter counts and FLOPs, and permutation invariance end to end."""
+
+import haiku as hk
+import jax
+import numpy as np
+import pytest
+
+from perceiver_jax import summary as summary_lib
+from tests import test_configs
+
+# (config file, preset) -> (params in millions, GFLOPs or None) from P1/P2.
+PAPER = {
+    ('imagenet.py', None): (44.9, 707.2),
+    ('imagenet.py', 'unshared'): (326.2, None),
+    ('imagenet.py', 'one_cross'): (42.1, 404.3),
+    ('imagenet.py', 'p2'): (48.4, None),
+    ('audioset.py', 'p2'): (21.0, None),
+}
+
+
+@pytest.mark.parametrize('name, arg', sorted(PAPER, key=str))
+def test_paper_model_sizes(name, arg):
+  params_m, gflops = PAPER[(name, arg)]
+  summary = summary_lib.summarize(
+      test_configs._load(name, arg).experiment_kwargs.config)  # pylint: disable=protected-access
+  assert abs(summary['params'] / 1e6 - params_m) < 0.1, summary
+  if gflops is not None:
+    assert abs(summary['forward_flops'] / 1e9 / gflops - 1) < 0.02, summary
+
+
+def test_imagenet_byte_array_is_paper_shape():
+  summary = summary_lib.summarize(
+      test_configs._load('imagenet.py', None).experiment_kwargs.config)  # pylint: disable=protected-access
+  assert summary['byte_array'] == [50176, 261]
+
+
+def test_permuted_pipeline_gives_the_same_logits():
+  """A Perceiver (FF) cannot tell a fixed pixel permutation apart."""
+  from perceiver_jax import models  # pylint: disable=g-import-not-at-top
+  plain = test_configs._load('imagenet.py', 'debug')  # pylint: disable=protected-access
+  permuted = test_configs._load('imagenet_permuted.py', 'debug')  # pylint: disable=protected-access
+  f = models.make_forward(plain.experiment_kwargs.config.model)
+  g = models.make_forward(permuted.experiment_kwargs.config.model)
+  images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
+  params = f.init(jax.random.key(1), images, is_training=False)
+  assert jax.tree.structure(params) == jax.tree.structure(
+      g.init(jax.random.key(1), images, is_training=False))
+  np.testing.assert_allclose(
+      f.apply(params, None, images, is_training=False),
+      g.apply(params, None, images, is_training=False), atol=1e-5)
+  # ...while the byte arrays themselves really differ.
+  pre = [hk.transform(lambda x, c=c: models.build_preprocessor(
+      c.experiment_kwargs.config.model.preprocessor, name='preprocessor')(
+          x, is_training=False)[0]) for c in (plain, permuted)]
+  a, b = (p.apply({}, None, images) for p in pre)
+  assert not np.allclose(a, b)
+  np.testing.assert_allclose(np.sort(a, axis=1), np.sort(b, axis=1))

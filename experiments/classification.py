@@ -85,7 +85,8 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     """One update on a global batch; returns scalars logged by jaxline."""
     del writer
     if self._train_input is None:
-      self._initialize_train()
+      # Steps already taken (non-zero when resuming from a checkpoint).
+      self._initialize_train(int(jaxline.utils.get_first(global_step)))
     batch = next(self._train_input)
     stop = np.full([jax.local_device_count()],
                    checkpointing.stop_requested(), np.int32)
@@ -131,8 +132,9 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     return {'steps_per_sec': steps_per_sec,
             'examples_per_sec': steps_per_sec * self.config.training.batch_size}
 
-  def _initialize_train(self) -> None:
-    self._train_input = self._build_input(is_training=True)
+  def _initialize_train(self, start_step: int) -> None:
+    self._train_input = self._build_input(is_training=True,
+                                          start_step=start_step)
     if self._params is None:
       self._initialize_params(self._peek_train_batch())
 
@@ -155,13 +157,15 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     self._params = parallel.replicate(params)
     self._opt_state = parallel.replicate(opt_state)
 
-  def _build_input(self, is_training: bool) -> Iterator[Mapping[str, Any]]:
+  def _build_input(self, is_training: bool, start_step: int = 0
+                   ) -> Iterator[Mapping[str, Any]]:
     data = self.config.data
     if is_training:
+      # Hosts read disjoint shards, so they may share the shuffling seed.
       return self._data.load(
           data, data.train_split, is_training=True,
           batch_dims=self._train_batch_dims,
-          seed=self.config.training.data_seed + jax.process_index())
+          seed=self.config.training.data_seed, start_step=start_step)
     return self._data.load(data, data.eval_split, is_training=False,
                            batch_dims=self._eval_batch_dims, seed=0)
 

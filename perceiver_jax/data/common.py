@@ -13,10 +13,14 @@ The batch contract, used by every loader and every experiment:
     counted exactly once; training batches are all ones.
 
 A loader is a function
-  load(config, split, *, is_training, batch_dims, seed) -> Iterator[Batch]
+  load(config, split, *, is_training, batch_dims, seed, start_step=0)
+      -> Iterator[Batch]
 registered by name in `perceiver_jax.data.LOADERS`. Training iterators are
 infinite, shuffled and read this host's shard only; evaluation iterators make
-exactly one pass over this host's shard.
+exactly one pass over this host's shard. `start_step` is the number of
+training steps already taken (a resumed run): in-memory loaders continue the
+exact batch sequence, streaming (tf.data) loaders reseed from
+(seed, start_step) so a resumed run never replays the same data order.
 """
 
 from typing import Any, Iterator, Mapping, Sequence
@@ -95,7 +99,8 @@ def reshape_for_devices(batch: Mapping[str, Any],
 
 def iterate_numpy(arrays: Mapping[str, np.ndarray], *, is_training: bool,
                   batch_dims: Sequence[int], seed: int,
-                  shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+                  shard: tuple[int, int] = (0, 1),
+                  start_step: int = 0) -> Iterator[Batch]:
   """Batches in-memory arrays per the batch contract above.
 
   Args:
@@ -107,6 +112,8 @@ def iterate_numpy(arrays: Mapping[str, np.ndarray], *, is_training: bool,
     seed: shuffling seed (training only).
     shard: (process_index, process_count); each host reads its contiguous
       share of the examples.
+    start_step: training batches to skip: the sequence continues exactly
+      where a run that took start_step steps left off.
 
   Yields:
     Batches with leaves shaped [*batch_dims, ...] and a 'mask'.
@@ -122,14 +129,17 @@ def iterate_numpy(arrays: Mapping[str, np.ndarray], *, is_training: bool,
       raise ValueError(
           f'This host holds {n} training examples, fewer than one batch of '
           f'{batch_size}; lower the batch size.')
-    rng = np.random.default_rng(seed)
+    batches_per_epoch = n // batch_size
+    epoch, skip = divmod(start_step, batches_per_epoch)
     while True:
-      order = rng.permutation(n)
-      for i in range(0, n - batch_size + 1, batch_size):
+      # Each epoch's order depends on (seed, epoch) only: resumable.
+      order = np.random.default_rng([seed, epoch]).permutation(n)
+      for i in range(skip * batch_size, n - batch_size + 1, batch_size):
         idx = order[i:i + batch_size]
         batch = _map(lambda x: x[idx], arrays)  # pylint: disable=cell-var-from-loop
         batch['mask'] = np.ones([batch_size], np.float32)
         yield reshape_for_devices(batch, batch_dims)
+      epoch, skip = epoch + 1, 0
   else:
     for i in range(0, n, batch_size):
       batch = _map(lambda x: x[i:i + batch_size], arrays)  # pylint: disable=cell-var-from-loop

@@ -46,7 +46,8 @@ def num_examples(split: str) -> int:
 
 
 def load(config: ml_collections.ConfigDict, split: str, *, is_training: bool,
-         batch_dims: Sequence[int], seed: int) -> Iterator[common.Batch]:
+         batch_dims: Sequence[int], seed: int,
+         start_step: int = 0) -> Iterator[common.Batch]:
   """Iterates over this host's share of a split (see module docstring)."""
   del config  # Nothing to configure: the data ship with scikit-learn.
   _check_split(split)
@@ -54,7 +55,7 @@ def load(config: ml_collections.ConfigDict, split: str, *, is_training: bool,
   return common.iterate_numpy(
       {'inputs': images, 'label': labels}, is_training=is_training,
       batch_dims=batch_dims, seed=seed,
-      shard=(jax.process_index(), jax.process_count()))
+      shard=(jax.process_index(), jax.process_count()), start_step=start_step)
 
 
 def _check_split(split: str) -> None:

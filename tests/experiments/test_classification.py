@@ -1,0 +1,163 @@
+"""The classification experiment through jaxline, on digits, 8 fake devices."""
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import classification
+import experiments
+from perceiver_jax.training import checkpointing
+from perceiver_jax.training import jaxline_compat
+from perceiver_jax.training import parallel
+from tests import test_configs
+
+jaxline = jaxline_compat.import_jaxline()
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+
+
+def _config(tmp_path, steps=4, arg='debug'):
+  config = test_configs._load('digits.py', arg)  # pylint: disable=protected-access
+  config.checkpoint_dir = str(tmp_path)
+  config.training_steps = steps
+  config.save_checkpoint_interval = 2
+  config.log_tensors_interval = 1
+  return config
+
+
+def _train(config):
+  checkpointer = checkpointing.make_checkpointer(config, 'train')
+  jaxline.train.train(classification.ClassificationExperiment, config,
+                      checkpointer, writer=None)
+  return checkpointing.restore_checkpoint(config.checkpoint_dir)
+
+
+def test_pmapped_update_equals_single_device_update(tmp_path):
+  """One update over 8 devices x 2 examples == 1 device x 16 examples."""
+  exp_config = _config(tmp_path).experiment_kwargs.config
+  experiment = classification.ClassificationExperiment(
+      'train', jax.random.PRNGKey(0), exp_config)
+  batch = next(iter(experiment._data.load(  # pylint: disable=protected-access
+      exp_config.data, 'train', is_training=True, batch_dims=(8, 2), seed=0)))
+  experiment._initialize_params(batch)  # pylint: disable=protected-access
+  params = parallel.unreplicate(experiment._params)  # pylint: disable=protected-access
+  opt_state = parallel.unreplicate(experiment._opt_state)  # pylint: disable=protected-access
+  results = []
+  for devices in (jax.local_devices(), jax.local_devices()[:1]):
+    n = len(devices)
+    update = jax.pmap(experiment._update_fn, axis_name=parallel.AXIS_NAME,  # pylint: disable=protected-access
+                      devices=devices)
+    local = jax.tree.map(lambda x: x.reshape((n, 16 // n) + x.shape[2:]),
+                         batch)
+    rep = lambda t: jax.tree.map(lambda x: np.stack([x] * n), t)  # pylint: disable=cell-var-from-loop
+    new_params, _, scalars = update(
+        rep(params), rep(opt_state), np.zeros([n], np.int32),
+        rep(jax.random.PRNGKey(1)), local, np.zeros([n], np.int32))
+    results.append((jax.tree.map(lambda x: np.asarray(x[0]), new_params),
+                    float(scalars['loss'][0])))
+  (p8, loss8), (p1, loss1) = results
+  assert abs(loss8 - loss1) < 1e-6
+  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6),
+               p8, p1)
+  # And the update really moved the parameters.
+  assert not all(np.allclose(a, b) for a, b in zip(
+      jax.tree.leaves(p8), jax.tree.leaves(params)))
+
+
+def test_resume_equals_uninterrupted_training(tmp_path):
+  """2N steps == N steps, restart from the checkpoint, N more steps."""
+  straight = _train(_config(tmp_path / 'straight', steps=6))
+  _train(_config(tmp_path / 'resumed', steps=3))
+  resumed = _train(_config(tmp_path / 'resumed', steps=6))
+  assert int(straight['global_step']) == int(resumed['global_step']) == 6
+  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6),
+               straight['experiment_module'], resumed['experiment_module'])
+
+
+def test_evaluating_a_checkpoint_matches_training_eval(tmp_path):
+  config = _config(tmp_path, steps=4)
+  _train(config)
+  from_checkpoint = experiments.evaluate_checkpoint(config,
+                                                    str(tmp_path))
+  assert from_checkpoint['step'] == 4
+  assert from_checkpoint['num_examples'] == 300  # Every test image once.
+  # The same metrics from a live experiment restored by the checkpointer.
+  eval_config = _config(tmp_path, steps=4)
+  eval_config.one_off_evaluate = True
+  writer = _Recorder()
+  jaxline.train.evaluate(classification.ClassificationExperiment, eval_config,
+                         checkpointing.make_checkpointer(eval_config, 'eval'),
+                         writer, 'eval')
+  (step, logged), = writer.scalars
+  assert step == 4
+  for key in ('top_1_acc', 'loss', 'num_examples'):
+    assert abs(float(logged[key]) - from_checkpoint[key]) < 1e-6, key
+
+
+class _Recorder:
+
+  def __init__(self):
+    self.scalars = []
+
+  def write_scalars(self, step, scalars):
+    self.scalars.append((int(step), dict(scalars)))
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
+  config = _config(tmp_path, steps=6)
+  _train(_config(tmp_path, steps=2))
+  with config.unlocked():
+    config.experiment_kwargs.config.optimizer.base_lr = float('nan')
+  with pytest.raises(classification.NonFiniteLossError, match='step 3'):
+    _train(config)
+  assert int(checkpointing.restore_checkpoint(
+      str(tmp_path))['global_step']) == 2
+
+
+def test_batch_size_must_divide_devices(tmp_path):
+  config = _config(tmp_path)
+  config.experiment_kwargs.config.training.batch_size = 12
+  with pytest.raises(ValueError, match='training.batch_size=12'):
+    classification.ClassificationExperiment(
+        'train', jax.random.PRNGKey(0), config.experiment_kwargs.config)
+
+
+def _run_train(tmp_path, *flags, **popen_kwargs):
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  return subprocess.Popen(
+      [sys.executable, os.path.join(_ROOT, 'scripts', 'train.py'),
+       '--config=' + os.path.join(_ROOT, 'configs', 'digits.py') + ':debug',
+       f'--config.checkpoint_dir={tmp_path}', *flags],
+      env=env, cwd=_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True, **popen_kwargs)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
+  proc = _run_train(tmp_path, '--config.training_steps=100000',
+                    '--config.save_checkpoint_interval=1000000')
+  deadline = time.time() + 120
+  seen_steps = False
+  while time.time() < deadline and not seen_steps:
+    line = proc.stdout.readline()
+    seen_steps = 'steps/sec' in line or 'loss' in line
+  assert seen_steps, 'training never started'
+  time.sleep(2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 143, out[-3000:]
+  saved = int(checkpointing.restore_checkpoint(str(tmp_path))['global_step'])
+  assert saved > 0  # Saved on SIGTERM despite the huge save interval.
+  proc = _run_train(tmp_path, f'--config.training_steps={saved + 3}')
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  assert int(checkpointing.restore_checkpoint(
+      str(tmp_path))['global_step']) == saved + 3

@@ -59,7 +59,7 @@ class MultiLabelExperiment(classification.ClassificationExperiment):
       scores.append(out['scores'].reshape(keep.size, -1)[keep])
       labels.append(out['labels'].reshape(keep.size, -1)[keep])
     scores, labels = np.concatenate(scores), np.concatenate(labels)
-    results = multilabel_metrics.summarize(scores, labels)
+    results = multilabel_metrics.multilabel_metrics(labels, scores)
     logging.info('eval at step %d over %d clips: %s',
                  int(np.asarray(global_step)[0]), len(labels),
                  {k: round(float(v), 4) for k, v in results.items()})

@@ -35,9 +35,11 @@ sample (26.7 ms) Hann window, 640 sample (13.3 ms) hop and 2,048-point FFT,
 SpecAugment (Park et al. 2019): two frequency masks of up to 8 bins and two
 time masks of up to 16 frames, filled with the example's mean log-mel value.
 
-Stored clips are padded (audio with silence, video by repeating the last
-frame) or trimmed to config `clip_seconds` (10 s) at preparation time, so
-every example has the same shape; the prepare summary counts padded clips.
+Clip files are expected to hold just the 10 s segment (as AudioSet
+downloaders cut them), starting at time 0. They are padded (audio with
+silence, video by repeating the last frame) or trimmed to prepare_audioset's
+--clip_seconds (10 s), so every stored example has the same shape; the
+prepare summary counts padded clips.
 """
 
 import csv
@@ -99,7 +101,8 @@ def default_config() -> ml_collections.ConfigDict:
     specaugment_num_freq_masks, specaugment_max_freq_bins,
       specaugment_num_time_masks, specaugment_max_time_frames: mask counts
       and maximum widths.
-    shuffle_buffer: training shuffle buffer, in examples.
+    shuffle_buffer: training shuffle buffer, in serialized examples (~3.5 MB
+      each with 224x224 JPEG video, so 256 hold ~1 GB).
     num_parallel_calls: tf.data map parallelism (-1 = AUTOTUNE).
   """
   return ml_collections.ConfigDict(dict(
@@ -126,7 +129,7 @@ def default_config() -> ml_collections.ConfigDict:
       specaugment_max_freq_bins=8,
       specaugment_num_time_masks=2,
       specaugment_max_time_frames=16,
-      shuffle_buffer=1_000,
+      shuffle_buffer=256,
       num_parallel_calls=-1,
   ))
 
@@ -375,6 +378,8 @@ def decode_clip(path: str, *, sample_rate: int = 48_000, fps: float = 25.0,
     vstream = container.streams.video[0] if (
         with_video and container.streams.video) else None
     streams = [s for s in (astream, vstream) if s is not None]
+    if not streams:  # demux() with no streams would read them all.
+      return Clip(audio=None, video=None, sample_rate=sample_rate, fps=fps)
     resampler = av.AudioResampler(format='flt', layout='mono',
                                   rate=sample_rate)
     chunks, frames, times = [], [], []
@@ -577,7 +582,8 @@ def eval_window_starts(clip_frames: int, num_frames: int,
 
 
 def load(config: ml_collections.ConfigDict, split: str, *, is_training: bool,
-         batch_dims: Sequence[int], seed: int) -> Iterator[common.Batch]:
+         batch_dims: Sequence[int], seed: int,
+         start_step: int = 0) -> Iterator[common.Batch]:
   """Iterates over this host's share of a prepared split (module docstring).
 
   Args:
@@ -588,6 +594,8 @@ def load(config: ml_collections.ConfigDict, split: str, *, is_training: bool,
       clip, last batch padded and masked.
     batch_dims: (num_local_devices, per_device_batch).
     seed: shuffling / cropping / masking seed.
+    start_step: training steps already taken (a resumed run); the stream is
+      reseeded from (seed, start_step) so it never replays the same order.
 
   Yields:
     Batches per the module docstring.
@@ -598,6 +606,9 @@ def load(config: ml_collections.ConfigDict, split: str, *, is_training: bool,
   """
   batch_dims = common.check_batch_dims(batch_dims)
   batch_size = batch_dims[0] * batch_dims[1]
+  if start_step:
+    seed = int(np.random.SeedSequence([seed, start_step]).generate_state(1)[0]
+              % 2**31)
   _check_split(split)
   _check_config(config)
   meta = read_metadata(config.data_dir)
@@ -605,7 +616,7 @@ def load(config: ml_collections.ConfigDict, split: str, *, is_training: bool,
   split_meta = _split_meta(meta, split, config.data_dir)
   if split_meta.get('missing'):
     logging.warning('AudioSet %s: %d of %d CSV rows had no clip on disk at '
-                    'preparation (%d unusable); training on the %d written.',
+                    'preparation (%d unusable); using the %d written.',
                     split, split_meta['missing'], split_meta['rows'],
                     split_meta.get('unusable', 0), split_meta['written'])
   files = [os.path.join(config.data_dir, f) for f in split_meta['files']]
@@ -622,7 +633,10 @@ def load(config: ml_collections.ConfigDict, split: str, *, is_training: bool,
   calls = (tf.data.AUTOTUNE if config.num_parallel_calls < 0
            else config.num_parallel_calls)
   if is_training:
-    ds = ds.repeat().shuffle(config.shuffle_buffer, seed=seed)
+    # Shuffle serialized records within an epoch, then repeat: the buffer
+    # never holds more than this host's share.
+    ds = ds.shuffle(config.shuffle_buffer, seed=seed,
+                    reshuffle_each_iteration=True).repeat()
     # One stateless seed per example keeps crops reproducible under parallel
     # map.
     seeds = tf.data.Dataset.random(seed=seed).batch(2)
@@ -657,8 +671,11 @@ def _host_records(files: Sequence[str], process_index: int,
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle:
       ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    if not shuffle:  # Evaluation: files in order.
+      return ds.flat_map(tf.data.TFRecordDataset)
     return ds.interleave(tf.data.TFRecordDataset,
-                         cycle_length=min(len(files), 8) if shuffle else 1,
+                         cycle_length=min(len(files), 8),
+                         num_parallel_calls=tf.data.AUTOTUNE,
                          deterministic=True)
   return tf.data.TFRecordDataset(files).shard(process_count, process_index)
 
@@ -833,8 +850,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   if config.audio_representation == 'mel':
     frames, bins = spectrogram_shape(config)
     if not 0 <= config.specaugment_max_freq_bins <= bins:
-      raise ValueError(f'specaugment_max_freq_bins='
-                       f'{config.specaugment_max_freq_bins} not in [0, {bins}].')
+      raise ValueError(
+          f'specaugment_max_freq_bins={config.specaugment_max_freq_bins} '
+          f'not in [0, {bins}].')
     if not 0 <= config.specaugment_max_time_frames <= frames:
       raise ValueError(f'specaugment_max_time_frames='
                        f'{config.specaugment_max_time_frames} not in '

@@ -30,7 +30,8 @@ setuptools.setup(
         'h5py>=3.10',
     ],
     extras_require={
-        'test': ['pytest>=8.0', 'pytest-xdist>=3.5'],
+        'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'scikit-image>=0.22',
+                 'av>=12.0'],
         'audio': ['av>=12.0'],
     },
     entry_points={

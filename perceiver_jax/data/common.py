@@ -141,7 +141,13 @@ def iterate_numpy(arrays: Mapping[str, np.ndarray], *, is_training: bool,
         yield reshape_for_devices(batch, batch_dims)
       epoch, skip = epoch + 1, 0
   else:
-    for i in range(0, n, batch_size):
+    # Every host runs as many eval batches as the largest share needs (its
+    # extra batches are all padding), so pmapped collectives stay in step.
+    process_count = shard[1]
+    largest = max(b - a for a, b in (
+        host_shard_bounds(num_examples, i, process_count)
+        for i in range(process_count)))
+    for i in range(0, max(largest, 1), batch_size):
       batch = _map(lambda x: x[i:i + batch_size], arrays)  # pylint: disable=cell-var-from-loop
       yield reshape_for_devices(pad_batch(batch, batch_size), batch_dims)
 

@@ -86,9 +86,9 @@ def _photos() -> list[np.ndarray]:
   return [np.asarray(getattr(data, name)())[..., :3] for name in PHOTOS]
 
 
-def _jpeg(photo: np.ndarray, rng: np.random.Generator, *, gray: bool = False
-          ) -> bytes:
-  """A random crop of `photo` [H, W, 3] resized to 48-96 px, as JPEG bytes."""
+def _jpeg(photo: np.ndarray, rng: np.random.Generator, *,
+          image_px: tuple[int, int], gray: bool = False) -> bytes:
+  """A random crop of `photo` [H, W, 3], long side in image_px, as JPEG."""
   h, w, _ = photo.shape
   ch = int(rng.integers(h // 2, h + 1))
   cw = int(rng.integers(w // 2, w + 1))
@@ -96,9 +96,10 @@ def _jpeg(photo: np.ndarray, rng: np.random.Generator, *, gray: bool = False
   crop = photo[y:y + ch, x:x + cw]
   if rng.random() < 0.5:
     crop = crop[:, ::-1]
-  # Keep each side in [48, 96] px with the crop's aspect ratio (max 2:1).
-  scale = float(rng.integers(64, 97)) / max(ch, cw)
-  size = (max(48, round(cw * scale)), max(48, round(ch * scale)))
+  # Long side in image_px, short side at least half of its minimum.
+  scale = float(rng.integers(image_px[0], image_px[1] + 1)) / max(ch, cw)
+  floor = max(1, image_px[0] // 2)
+  size = (max(floor, round(cw * scale)), max(floor, round(ch * scale)))
   image = Image.fromarray(np.ascontiguousarray(crop)).resize(
       size, Image.BICUBIC)
   if gray:  # ImageNet holds some grayscale JPEGs; decoders must cope.
@@ -117,6 +118,7 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 def write_tars(manual_dir: str, *, num_val: int = NUM_VAL,
                train_per_class: int = TRAIN_PER_CLASS,
+               image_px: tuple[int, int] = (64, 96),
                seed: int = 0) -> Fixture:
   """Writes the two ILSVRC-2012 tars into `manual_dir` (created if needed).
 
@@ -125,14 +127,18 @@ def write_tars(manual_dir: str, *, num_val: int = NUM_VAL,
     num_val: validation images ILSVRC2012_val_00000001..num_val; their
       synsets (from tfds' validation_labels.txt) are the training classes.
     train_per_class: training images per class.
+    image_px: (min, max) long side of the images in pixels; small keeps the
+      build fast (real ImageNet photos average about 400 x 350).
     seed: seeds the crops, so the bytes are reproducible.
 
   Returns:
     The Fixture (data_dir None: nothing built yet).
   """
-  if not 1 <= num_val <= 50_000 or train_per_class < 1:
-    raise ValueError(f'num_val={num_val} must be in [1, 50000] and '
-                     f'train_per_class={train_per_class} positive.')
+  if (not 1 <= num_val <= 50_000 or train_per_class < 1 or
+      not 2 <= image_px[0] <= image_px[1]):
+    raise ValueError(
+        f'num_val={num_val} must be in [1, 50000], train_per_class='
+        f'{train_per_class} positive and image_px={image_px} ordered, >= 2.')
   os.makedirs(manual_dir, exist_ok=True)
   rng = np.random.default_rng(seed)
   photos = _photos()
@@ -147,7 +153,8 @@ def write_tars(manual_dir: str, *, num_val: int = NUM_VAL,
         for n in range(train_per_class):
           photo = photos[(c + n) % len(photos)]
           _add(inner, f'{synset}_{n + 1}.JPEG',
-               _jpeg(photo, rng, gray=(c, n) == (0, 0)))
+               _jpeg(photo, rng, image_px=image_px,
+                     gray=(c, n) == (0, 0)))
       _add(outer, f'{synset}.tar', inner_bytes.getvalue())
 
   with tarfile.open(os.path.join(manual_dir, VAL_TAR), 'w') as val:
@@ -155,7 +162,7 @@ def write_tars(manual_dir: str, *, num_val: int = NUM_VAL,
     for k in reversed(range(num_val)):
       photo = photos[synsets.index(val_synsets[k]) % len(photos)]
       _add(val, f'ILSVRC2012_val_{k + 1:08d}.JPEG',
-           _jpeg(photo, rng, gray=k == 1))
+           _jpeg(photo, rng, image_px=image_px, gray=k == 1))
 
   train_labels = sorted(names.index(s) for s in synsets
                         for _ in range(train_per_class))

@@ -57,7 +57,7 @@ def test_unshared_weights_grow_with_repeats():
   per_transformer = _num_params(_encoder_params(
       num_cross_attends=1, num_blocks=2, share_latent_transformer=False)
                                 ) - _num_params(one)
-  assert _num_params(three) == (_num_params(one) + per_cross +
+  assert _num_params(three) == (_num_params(one) + 2 * per_cross +
                                 2 * per_transformer)
 
 
@@ -117,4 +117,4 @@ def test_decoders():
   assert run(lambda: perceiver.BasicQueryDecoder(
       3, (6,), query_channels=16)).shape == (2, 6, 3)
   with pytest.raises(ValueError, match="'sine'"):
-    perceiver.BasicQueryDecoder(3, (6,), query_type='sine')
+    run(lambda: perceiver.BasicQueryDecoder(3, (6,), query_type='sine'))

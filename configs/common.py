@@ -80,9 +80,17 @@ def jaxline_config(
 
 def optimizer(name: str = 'lamb', base_lr: float = 4e-3,
               weight_decay: float = 0.1, clip_grad_norm: float = 10.0,
-              schedule: str = 'step_decay', **schedule_kwargs: Any
+              schedule: str = 'step_decay', decay_pos_embs: bool = True,
+              decay_latents: bool = True, **schedule_kwargs: Any
               ) -> ml_collections.ConfigDict:
-  """An optimizer section (see perceiver_jax/training/optimizers.py)."""
+  """An optimizer section (see perceiver_jax/training/optimizers.py).
+
+  Weight decay never applies to biases and normalisation parameters;
+  decay_pos_embs / decay_latents choose it for learned position encodings
+  and for the learned latent (and decoder query) arrays.
+  """
   return ml_collections.ConfigDict(dict(
       name=name, base_lr=base_lr, weight_decay=weight_decay,
-      clip_grad_norm=clip_grad_norm, schedule=schedule, **schedule_kwargs))
+      clip_grad_norm=clip_grad_norm, schedule=schedule,
+      decay_pos_embs=decay_pos_embs, decay_latents=decay_latents,
+      **schedule_kwargs))

@@ -12,5 +12,8 @@ os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
 
 def pytest_configure(config):
+  # jaxline reads absl flags (with their defaults) inside train/evaluate.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.FLAGS.mark_as_parsed()
   config.addinivalue_line(
       'markers', 'slow: end-to-end tests that take more than ~20 s.')

@@ -16,8 +16,9 @@ from perceiver_jax.training import parallel  # pylint: disable=g-import-not-at-t
 
 
 def main(port, num_processes, process_id, out_dir):
+  process_id = int(process_id)
   parallel.initialize_distributed(f'127.0.0.1:{port}', int(num_processes),
-                                  int(process_id))
+                                  process_id)
   from experiments import classification  # pylint: disable=g-import-not-at-top
   from perceiver_jax.training import jaxline_compat  # pylint: disable=g-import-not-at-top
   from tests import test_configs  # pylint: disable=g-import-not-at-top

@@ -45,11 +45,14 @@ def install() -> None:
 
 
 def import_jaxline():
-  """Returns the patched `jaxline` package (modules platform, utils, ...)."""
+  """Returns the patched `jaxline` package (experiment, train, utils).
+
+  `jaxline.platform` is left out: it defines the --config flag, which only
+  the training entry point (scripts/train.py) may own.
+  """
   install()
   import jaxline  # pylint: disable=g-import-not-at-top
   from jaxline import experiment  # pylint: disable=g-import-not-at-top,unused-import
-  from jaxline import platform  # pylint: disable=g-import-not-at-top,unused-import
   from jaxline import train  # pylint: disable=g-import-not-at-top,unused-import
   from jaxline import utils  # pylint: disable=g-import-not-at-top,unused-import
   return jaxline

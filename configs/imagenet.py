@@ -39,6 +39,8 @@ import ml_collections
 
 NUM_TRAIN = 1_281_167
 NUM_CLASSES = 1000
+# Eval centre crop, as a fraction of the short side (P2 App. A.1).
+EVAL_CROP_FRACTION = 224 / 256
 
 
 def image_model(*, image_size: int, num_freq_bands: int = 64,
@@ -77,16 +79,25 @@ def image_model(*, image_size: int, num_freq_bands: int = 64,
 
 
 def imagenet_data(image_size: int = 224) -> ml_collections.ConfigDict:
-  """The data section (fields: perceiver_jax/data/imagenet.py)."""
+  """The data section (fields documented in perceiver_jax/data/imagenet.py).
+
+  Its defaults equal that module's `default_config()` (kept as literals so
+  that loading a config does not import TensorFlow): data_dir None (tfds'
+  default), manual_dir None (never build), tfds_version None (the newest
+  prepared version tfds can read), eval_crop_fraction 224/256,
+  threadpool_size 48.
+  """
   return ml_collections.ConfigDict(dict(
       name='imagenet', train_split='train', eval_split='validation',
       num_train_examples=NUM_TRAIN, num_classes=NUM_CLASSES,
       input_shape=(image_size, image_size, 3), image_size=image_size,
       data_dir=ml_collections.FieldReference(None, field_type=str),
       manual_dir=ml_collections.FieldReference(None, field_type=str),
-      randaugment_layers=4, randaugment_magnitude=5,
-      mixup_alpha=0.0, cutmix_alpha=0.0, shuffle_buffer=10_000,
-      deterministic=False))
+      tfds_version=ml_collections.FieldReference(None, field_type=str),
+      randaugment_layers=4, randaugment_magnitude=5.0,
+      mixup_alpha=0.0, cutmix_alpha=0.0,
+      eval_crop_fraction=EVAL_CROP_FRACTION, shuffle_buffer=10_000,
+      deterministic=False, threadpool_size=48))
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
@@ -137,16 +148,19 @@ def build_config(options: ml_collections.ConfigDict, *, name: str,
   training_steps = num_epochs * NUM_TRAIN // batch_size
   eval_batch_size = 1000
   if options.debug:
-    model = image_model(image_size=16, num_freq_bands=4, num_latents=8,
-                        latent_dim=16, num_cross_attends=2, num_blocks=2,
-                        num_self_attends_per_block=1,
-                        position_encoding_type=position_encoding_type,
-                        permutation_seed=permutation_seed)
-    model.encoder.num_self_heads = 2
+    # Shrink every size but keep the presets' structure (cross-attend count,
+    # sharing, decoder, position encoding).
+    encoder = model.encoder
+    encoder.update(num_latents=8, latent_dim=16, num_self_heads=2,
+                   num_self_attends_per_block=1,
+                   num_cross_attends=min(encoder.num_cross_attends, 2),
+                   num_blocks=2)
+    model.preprocessor.update(num_freq_bands=4, max_resolution=(16, 16))
     if position_encoding_type == 'learned':
       model.preprocessor.learned_pos_channels = 8
-    data = imagenet_data(16)
-    data.randaugment_layers = 1
+    if model.decoder.type == 'query':
+      model.decoder.query_channels = 16
+    data.update(input_shape=(16, 16, 3), image_size=16, randaugment_layers=1)
     batch_size, eval_batch_size, training_steps = 16, 16, 4
 
   experiment = ml_collections.ConfigDict(dict(

@@ -4,18 +4,32 @@ Shape letters:
   B: batch size.           N: number of queries (latents or output queries).
   M: number of keys/values (byte array length, or latents in self-attention).
   H: number of heads.      D: query (latent) channels.  C: key/value channels.
-  K: qk channels per head. V: v channels per head.
+  K: qk channels per head. V: v channels per head.    c: chunk of M.
 
 Every block calls `dot_product_attention`, the one place that computes
 softmax(q k^T / sqrt(K)) v, so it can be swapped for a fused kernel.
+
+Cross-attention has two exact formulations (`formulation=`):
+  'direct':        k = x W_k + b_k and v = x W_v + b_v over all M inputs.
+  'reformulated':  one head only. Never projects the M-sized byte array:
+                   logits = (q W_k^T) x^T (q . b_k is constant along a row and
+                   cancels in the softmax), and since every attention row sums
+                   to one, softmax(.) (x W_v + b_v) = (softmax(.) x) W_v + b_v.
+                   It trades 2 M C (K + V) FLOPs of projections for 2 N M
+                   (2 C - K - V) + 2 N C (K + V): much cheaper when M >> N.
+  'auto':          picks the cheaper one by `formulation_costs`.
+Both may also process M in chunks with an online softmax (`chunk_size`), so
+the N x M logits are never held all at once.
 """
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
+
+FORMULATIONS = ('auto', 'direct', 'reformulated')
 
 
 def linear_init() -> hk.initializers.Initializer:
@@ -45,18 +59,23 @@ def _check_mask(mask: jax.Array, batch: int, n: int, m: int) -> jax.Array:
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: Optional[jax.Array] = None) -> jax.Array:
+                          mask: Optional[jax.Array] = None, *,
+                          scale: Optional[float] = None,
+                          chunk_size: Optional[int] = None) -> jax.Array:
   """Multi-head scaled dot-product attention.
 
-  Logits are scaled by 1/sqrt(K) and normalised in float32 whatever the
-  compute dtype. Queries whose keys are all masked attend to nothing and
-  return zeros.
+  Logits are scaled by `scale` (default 1/sqrt(K)) and normalised in float32
+  whatever the compute dtype. Queries whose keys are all masked attend to
+  nothing and return zeros.
 
   Args:
     q: [B, N, H, K] queries.
     k: [B, M, H, K] keys.
     v: [B, M, H, V] values.
     mask: optional boolean [B, M] (True = real key) or [B, N, M].
+    scale: logit scale; 1/sqrt(K) if None.
+    chunk_size: if set and < M, process the keys in chunks of this size with
+      an online softmax: memory O(N c) instead of O(N M), same result.
 
   Returns:
     [B, N, H, V] attended values, in the dtype of v.
@@ -68,16 +87,111 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   m = k.shape[1]
   if k.shape[2:] != (heads, qk) or v.shape[1:3] != (m, heads):
     raise ValueError(f'Incompatible q {q.shape}, k {k.shape}, v {v.shape}.')
-  logits = jnp.einsum('bnhk,bmhk->bhnm', q, k)  # [B, H, N, M]
-  logits = logits.astype(jnp.float32) * (1.0 / math.sqrt(qk))
+  if chunk_size is not None and chunk_size < 1:
+    raise ValueError(f'chunk_size must be >= 1, got {chunk_size}.')
+  scale = 1.0 / math.sqrt(qk) if scale is None else scale
   if mask is not None:
     mask = _check_mask(mask, batch, n, m)
+  if chunk_size is not None and chunk_size < m:
+    return _chunked_attention(q, k, v, mask, scale, chunk_size)
+  if mask is None and jax.default_backend() == 'gpu':
+    # cuDNN flash attention where the shapes and dtype allow it.
+    return jax.nn.dot_product_attention(q, k, v, scale=scale)
+  # Head-first batched matmuls: faster than [B, N, H, K] einsums on CPU.
+  qh = jnp.swapaxes(q, 1, 2)  # [B, H, N, K]
+  kh = jnp.transpose(k, (0, 2, 3, 1))  # [B, H, K, M]
+  vh = jnp.swapaxes(v, 1, 2)  # [B, H, M, V]
+  logits = jnp.matmul(qh, kh).astype(jnp.float32) * scale  # [B, H, N, M]
+  if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1)
   if mask is not None:
     # A row with no real key would otherwise spread weight uniformly.
     weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
-  return jnp.einsum('bhnm,bmhv->bnhv', weights.astype(v.dtype), v)
+  out = jnp.matmul(weights.astype(v.dtype), vh)  # [B, H, N, V]
+  return jnp.swapaxes(out, 1, 2)
+
+
+def _chunked_attention(q, k, v, mask, scale, chunk_size):
+  """dot_product_attention over chunks of M with an online softmax."""
+  batch, n, heads, _ = q.shape
+  m = k.shape[1]
+  num_chunks = -(-m // chunk_size)
+  pad = num_chunks * chunk_size - m
+  if mask is None:
+    mask = jnp.ones((batch, 1, 1, m), bool)
+  mask = jnp.broadcast_to(mask, (mask.shape[0], 1, mask.shape[2], m))
+  if pad:
+    k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, pad)))
+
+  def chunks(x, axis):  # [..., M, ...] -> [num_chunks, ..., c, ...]
+    x = x.reshape(x.shape[:axis] + (num_chunks, chunk_size) +
+                  x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+  qh = jnp.swapaxes(q, 1, 2)  # [B, H, N, K]
+  xs = (chunks(jnp.transpose(k, (0, 2, 3, 1)), 3),  # [n_c, B, H, K, c]
+        chunks(jnp.swapaxes(v, 1, 2), 2),  # [n_c, B, H, c, V]
+        chunks(mask, 3))  # [n_c, B', 1, N', c]
+  lowest = jnp.finfo(jnp.float32).min
+
+  # Rematerialised so the backward pass keeps only the carries per chunk,
+  # never the N x c logits of every chunk.
+  @jax.checkpoint
+  def step(carry, chunk):
+    running_max, denom, acc = carry  # [B, H, N], [B, H, N], [B, H, N, V]
+    kc, vc, mc = chunk
+    logits = jnp.matmul(qh, kc).astype(jnp.float32) * scale  # [B, H, N, c]
+    logits = jnp.where(mc, logits, lowest)
+    new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
+    p = jnp.where(mc, jnp.exp(logits - new_max[..., None]), 0.0)
+    correction = jnp.exp(running_max - new_max)
+    denom = denom * correction + jnp.sum(p, axis=-1)
+    acc = acc * correction[..., None] + jnp.matmul(
+        p.astype(vc.dtype), vc).astype(jnp.float32)
+    return (new_max, denom, acc), None
+
+  init = (jnp.full((batch, heads, n), lowest, jnp.float32),
+          jnp.zeros((batch, heads, n), jnp.float32),
+          jnp.zeros((batch, heads, n, v.shape[-1]), jnp.float32))
+  (_, denom, acc), _ = jax.lax.scan(step, init, xs)
+  out = jnp.where(denom[..., None] > 0,
+                  acc / jnp.maximum(denom, 1e-30)[..., None], 0.0)
+  return jnp.swapaxes(out, 1, 2).astype(v.dtype)  # [B, N, H, V]
+
+
+def formulation_costs(*, num_queries: int, num_inputs: int,
+                      input_channels: int, qk_channels: int, v_channels: int,
+                      num_uses: int = 1) -> dict[str, float]:
+  """FLOPs per use of one cross-attention, in each formulation.
+
+  `num_uses` counts calls that share weights and inputs (shared P1
+  cross-attends): their input projections are computed once and amortised.
+  Query and output projections are common to both and left out.
+  """
+  n, m, c = num_queries, num_inputs, input_channels
+  k, v = qk_channels, v_channels
+  direct = 2 * m * c * (k + v) / num_uses + 2 * n * m * (k + v)
+  reformulated = 2 * n * c * (k + v) + 4 * n * m * c
+  return {'direct': direct, 'reformulated': reformulated}
+
+
+class Dense(hk.Module):
+  """y = x W + b, W [C_in, C_out] (hk.Linear's parameter names and init)."""
+
+  def params(self, input_size: int, output_size: int
+             ) -> tuple[jax.Array, jax.Array]:
+    """The weight [C_in, C_out] and bias [C_out]."""
+    w = hk.get_parameter('w', [input_size, output_size], init=linear_init())
+    b = hk.get_parameter('b', [output_size], init=jnp.zeros)
+    return w, b
+
+  def __call__(self, x: jax.Array, output_size: int) -> jax.Array:
+    """Maps [..., C_in] -> [..., C_out]."""
+    w, b = self.params(x.shape[-1], output_size)
+    return jnp.dot(x, w.astype(x.dtype)) + b.astype(x.dtype)
 
 
 class MLP(hk.Module):
@@ -106,45 +220,111 @@ class Attention(hk.Module):
 
   qk_channels defaults to the key/value input width (P1: 261 on ImageNet),
   v_channels to qk_channels and output_channels to the query width.
+  Call `prepare_kv` once to reuse the key/value side across calls that
+  share weights and inputs.
   """
 
   def __init__(self, num_heads: int = 8, qk_channels: Optional[int] = None,
                v_channels: Optional[int] = None,
                output_channels: Optional[int] = None,
-               dropout_prob: float = 0.0, name: Optional[str] = None):
+               dropout_prob: float = 0.0, formulation: str = 'direct',
+               chunk_size: Optional[int] = None, num_uses: int = 1,
+               name: Optional[str] = None):
     super().__init__(name=name)
     if num_heads < 1:
       raise ValueError(f'num_heads must be >= 1, got {num_heads}.')
+    if formulation not in FORMULATIONS:
+      raise ValueError(f'formulation must be one of {FORMULATIONS}, got '
+                       f'{formulation!r}.')
+    if formulation == 'reformulated' and num_heads != 1:
+      raise ValueError('The reformulated attention needs num_heads=1, got '
+                       f'{num_heads}.')
     self._num_heads = num_heads
     self._qk_channels = qk_channels
     self._v_channels = v_channels
     self._output_channels = output_channels
     self._dropout_prob = dropout_prob
+    self._formulation = formulation
+    self._chunk_size = chunk_size
+    self._num_uses = num_uses
+    self._query = Dense(name='query')
+    self._key = Dense(name='key')
+    self._value = Dense(name='value')
+    self._output = Dense(name='output')
 
-  def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, *,
-               is_training: bool, mask: Optional[jax.Array] = None
-               ) -> jax.Array:
-    """Attends from [B, N, D] queries to [B, M, C] keys/values -> [B, N, D']."""
-    qk_channels = self._qk_channels or inputs_kv.shape[-1]
-    v_channels = self._v_channels or qk_channels
+  def _widths(self, kv_channels: int) -> tuple[int, int]:
+    qk = self._qk_channels or kv_channels
+    v = self._v_channels or qk
+    for what, width in (('qk_channels', qk), ('v_channels', v)):
+      if width % self._num_heads:
+        raise ValueError(f'{what}={width} is not divisible by '
+                         f'num_heads={self._num_heads}.')
+    return qk, v
+
+  def formulation(self, num_queries: int, num_inputs: int,
+                  kv_channels: int) -> str:
+    """The formulation used for these shapes ('direct' or 'reformulated')."""
+    if self._formulation != 'auto':
+      return self._formulation
+    if self._num_heads != 1:
+      return 'direct'
+    qk, v = self._widths(kv_channels)
+    costs = formulation_costs(
+        num_queries=num_queries, num_inputs=num_inputs,
+        input_channels=kv_channels, qk_channels=qk, v_channels=v,
+        num_uses=self._num_uses)
+    return min(costs, key=costs.get)
+
+  def prepare_kv(self, inputs_kv: jax.Array, num_queries: int
+                 ) -> dict[str, Any]:
+    """The key/value side for queries of length N, from [B, M, C] inputs."""
+    formulation = self.formulation(num_queries, *inputs_kv.shape[1:])
+    if formulation == 'reformulated':
+      return {'formulation': formulation, 'inputs': inputs_kv}
+    qk, v = self._widths(inputs_kv.shape[-1])
+    h = self._num_heads
+    k = self._key(inputs_kv, qk)
+    v = self._value(inputs_kv, v)
+    return {'formulation': formulation,
+            'k': k.reshape(k.shape[:-1] + (h, qk // h)),  # [B, M, H, K]
+            'v': v.reshape(v.shape[:-1] + (h, v.shape[-1] // h)),
+            'inputs': inputs_kv}
+
+  def __call__(self, inputs_q: jax.Array,
+               inputs_kv: Optional[jax.Array] = None, *, is_training: bool,
+               mask: Optional[jax.Array] = None,
+               prepared: Optional[dict[str, Any]] = None) -> jax.Array:
+    """Attends from [B, N, D] queries to [B, M, C] keys/values -> [B, N, D'].
+
+    Pass either inputs_kv or `prepared` (from prepare_kv on the same inputs).
+    """
+    if prepared is None:
+      prepared = self.prepare_kv(inputs_kv, inputs_q.shape[1])
+    inputs_kv = prepared['inputs']
+    kv_channels = inputs_kv.shape[-1]
+    qk, v_channels = self._widths(kv_channels)
     output_channels = self._output_channels or inputs_q.shape[-1]
     h = self._num_heads
-    for what, width in (('qk_channels', qk_channels),
-                        ('v_channels', v_channels)):
-      if width % h:
-        raise ValueError(
-            f'{what}={width} is not divisible by num_heads={h}.')
-
-    def project(x, width, name):
-      y = hk.Linear(width, w_init=linear_init(), name=name)(x)
-      return y.reshape(y.shape[:-1] + (h, width // h))  # [B, T, H, width/H]
-
-    q = project(inputs_q, qk_channels, 'query')  # [B, N, H, K]
-    k = project(inputs_kv, qk_channels, 'key')  # [B, M, H, K]
-    v = project(inputs_kv, v_channels, 'value')  # [B, M, H, V]
-    out = dot_product_attention(q, k, v, mask)  # [B, N, H, V]
-    out = out.reshape(out.shape[:-2] + (v_channels,))  # [B, N, H*V]
-    out = hk.Linear(output_channels, w_init=linear_init(), name='output')(out)
+    q = self._query(inputs_q, qk)  # [B, N, qk]
+    if prepared['formulation'] == 'reformulated':
+      w_k, _ = self._key.params(kv_channels, qk)  # b_k cancels.
+      w_v, b_v = self._value.params(kv_channels, v_channels)
+      q_in = jnp.dot(q, w_k.T.astype(q.dtype))  # [B, N, C]
+      attended = dot_product_attention(
+          q_in[:, :, None], inputs_kv[:, :, None], inputs_kv[:, :, None],
+          mask, scale=1.0 / math.sqrt(qk), chunk_size=self._chunk_size)
+      out = jnp.dot(attended[:, :, 0], w_v.astype(q.dtype))  # [B, N, V]
+      bias = b_v.astype(q.dtype)
+      if mask is not None:  # Rows with no real key attend to nothing.
+        any_key = _check_mask(mask, *q.shape[:2], inputs_kv.shape[1])
+        bias = bias * jnp.any(any_key[:, 0], axis=-1)[..., None]
+      out = out + bias
+    else:
+      q = q.reshape(q.shape[:-1] + (h, qk // h))  # [B, N, H, K]
+      out = dot_product_attention(q, prepared['k'], prepared['v'], mask,
+                                  chunk_size=self._chunk_size)
+      out = out.reshape(out.shape[:-2] + (v_channels,))  # [B, N, H*V]
+    out = self._output(out, output_channels)
     return _dropout(out, self._dropout_prob, is_training)
 
 
@@ -152,34 +332,42 @@ class CrossAttention(hk.Module):
   """Cross-attend block: latents attend to the byte array, then an MLP.
 
   x = q + Attn(LN(q), LN(kv)) (query residual optional); x += MLP(LN(x)).
+  `prepare(inputs)` computes LN(kv) (and the projections the formulation
+  needs) once, for cross-attends that share weights and inputs.
   """
 
   def __init__(self, num_heads: int = 1, qk_channels: Optional[int] = None,
                v_channels: Optional[int] = None, widening_factor: int = 1,
                dropout_prob: float = 0.0, use_query_residual: bool = True,
-               name: Optional[str] = None):
+               formulation: str = 'auto', chunk_size: Optional[int] = None,
+               num_uses: int = 1, name: Optional[str] = None):
     super().__init__(name=name)
-    self._num_heads = num_heads
-    self._qk_channels = qk_channels
-    self._v_channels = v_channels
-    self._widening_factor = widening_factor
-    self._dropout_prob = dropout_prob
     self._use_query_residual = use_query_residual
+    self._query_norm = layer_norm('query_norm')
+    self._input_norm = layer_norm('input_norm')
+    self._attention = Attention(
+        num_heads=num_heads, qk_channels=qk_channels, v_channels=v_channels,
+        dropout_prob=dropout_prob, formulation=formulation,
+        chunk_size=chunk_size, num_uses=num_uses, name='attention')
+    self._mlp_norm = layer_norm('mlp_norm')
+    self._mlp = MLP(widening_factor, dropout_prob, name='mlp')
 
-  def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, *,
-               is_training: bool, mask: Optional[jax.Array] = None
-               ) -> jax.Array:
+  def prepare(self, inputs_kv: jax.Array, num_queries: int) -> dict[str, Any]:
+    """LN and key/value side of the [B, M, C] inputs, for N queries."""
+    return self._attention.prepare_kv(self._input_norm(inputs_kv),
+                                      num_queries)
+
+  def __call__(self, inputs_q: jax.Array,
+               inputs_kv: Optional[jax.Array] = None, *, is_training: bool,
+               mask: Optional[jax.Array] = None,
+               prepared: Optional[dict[str, Any]] = None) -> jax.Array:
     """Maps queries [B, N, D] and inputs [B, M, C] (mask [B, M]) to [B, N, D]."""
-    attn = Attention(
-        num_heads=self._num_heads, qk_channels=self._qk_channels,
-        v_channels=self._v_channels, dropout_prob=self._dropout_prob,
-        name='attention')(
-            layer_norm('query_norm')(inputs_q),
-            layer_norm('input_norm')(inputs_kv),
-            is_training=is_training, mask=mask)
+    if prepared is None:
+      prepared = self.prepare(inputs_kv, inputs_q.shape[1])
+    attn = self._attention(self._query_norm(inputs_q), is_training=is_training,
+                           mask=mask, prepared=prepared)
     x = inputs_q + attn if self._use_query_residual else attn
-    mlp = MLP(self._widening_factor, self._dropout_prob, name='mlp')
-    return x + mlp(layer_norm('mlp_norm')(x), is_training=is_training)
+    return x + self._mlp(self._mlp_norm(x), is_training=is_training)
 
 
 class SelfAttention(hk.Module):
@@ -189,22 +377,19 @@ class SelfAttention(hk.Module):
                v_channels: Optional[int] = None, widening_factor: int = 1,
                dropout_prob: float = 0.0, name: Optional[str] = None):
     super().__init__(name=name)
-    self._num_heads = num_heads
-    self._qk_channels = qk_channels
-    self._v_channels = v_channels
-    self._widening_factor = widening_factor
-    self._dropout_prob = dropout_prob
+    self._attention_norm = layer_norm('attention_norm')
+    self._attention = Attention(
+        num_heads=num_heads, qk_channels=qk_channels, v_channels=v_channels,
+        dropout_prob=dropout_prob, name='attention')
+    self._mlp_norm = layer_norm('mlp_norm')
+    self._mlp = MLP(widening_factor, dropout_prob, name='mlp')
 
   def __call__(self, x: jax.Array, *, is_training: bool,
                mask: Optional[jax.Array] = None) -> jax.Array:
     """Maps [B, N, D] (mask [B, N] or [B, N, N]) to [B, N, D]."""
-    y = layer_norm('attention_norm')(x)
-    x = x + Attention(
-        num_heads=self._num_heads, qk_channels=self._qk_channels,
-        v_channels=self._v_channels, dropout_prob=self._dropout_prob,
-        name='attention')(y, y, is_training=is_training, mask=mask)
-    mlp = MLP(self._widening_factor, self._dropout_prob, name='mlp')
-    return x + mlp(layer_norm('mlp_norm')(x), is_training=is_training)
+    y = self._attention_norm(x)
+    x = x + self._attention(y, y, is_training=is_training, mask=mask)
+    return x + self._mlp(self._mlp_norm(x), is_training=is_training)
 
 
 def _dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:

@@ -15,6 +15,14 @@ Weight sharing (P1 Sec. 2 "an RNN unrolled in depth"), as explicit options:
     1..T-1 share one set named cross_attend_1; else each has its own.
   share_latent_transformer: one latent_transformer used by all num_blocks
     runs; else latent_transformer_0 .. latent_transformer_{num_blocks-1}.
+
+Cost (see attention.py): cross-attends that share weights also share their
+normalised input and its projections, computed once; `cross_attention`
+picks the exact cross-attention formulation ('auto': the cheaper one) and
+`cross_attention_chunk_size` bounds the logits held at once
+(`reuse_shared_inputs=False` and 'direct' give the paper's formulation and
+FLOP count); `remat`
+recomputes each block's activations in the backward pass (less memory).
 """
 
 from typing import Any, Callable, Optional
@@ -65,7 +73,11 @@ class PerceiverEncoder(hk.Module):
                share_cross_attends: bool = True,
                share_latent_transformer: bool = True,
                use_query_residual: bool = True, dropout_prob: float = 0.0,
-               latent_init_scale: float = 0.02, name: Optional[str] = None):
+               latent_init_scale: float = 0.02,
+               cross_attention: str = 'auto',
+               cross_attention_chunk_size: Optional[int] = None,
+               reuse_shared_inputs: bool = True,
+               remat: bool = False, name: Optional[str] = None):
     super().__init__(name=name)
     num_blocks = num_cross_attends if num_blocks is None else num_blocks
     for what, value in (('num_latents', num_latents),
@@ -91,12 +103,22 @@ class PerceiverEncoder(hk.Module):
     self._num_blocks = num_blocks
     self._latent_init_scale = latent_init_scale
     self._num_cross_heads = num_cross_heads
+    self._remat = remat
+    self._reuse_shared_inputs = reuse_shared_inputs
+    if cross_attention not in attention.FORMULATIONS:
+      raise ValueError(f'cross_attention must be one of '
+                       f'{attention.FORMULATIONS}, got {cross_attention!r}.')
+    shared_cross = share_cross_attends and num_cross_attends > 1
 
     def cross_attend(i):
       return attention.CrossAttention(
           num_heads=num_cross_heads, qk_channels=cross_qk_channels,
           v_channels=cross_v_channels, widening_factor=cross_widening_factor,
           dropout_prob=dropout_prob, use_query_residual=use_query_residual,
+          formulation=cross_attention,
+          chunk_size=cross_attention_chunk_size,
+          num_uses=(num_cross_attends - 1 if shared_cross and i == 1 and
+                    reuse_shared_inputs else 1),
           name=f'cross_attend_{i}')
 
     def latent_transformer(name):
@@ -106,7 +128,7 @@ class PerceiverEncoder(hk.Module):
           widening_factor=self_widening_factor, dropout_prob=dropout_prob,
           name=name)
 
-    if share_cross_attends and num_cross_attends > 1:
+    if shared_cross:
       shared = cross_attend(1)
       self._cross_attends = [cross_attend(0)] + [shared] * (
           num_cross_attends - 1)
@@ -133,12 +155,22 @@ class PerceiverEncoder(hk.Module):
         'latents', [self.num_latents, self.latent_dim], inputs.dtype,
         init=hk.initializers.TruncatedNormal(self._latent_init_scale))
     z = jnp.broadcast_to(latents, (inputs.shape[0],) + latents.shape)
+    prepared = {}  # One LN(inputs) (+ projections) per distinct cross-attend.
     for i in range(self._num_blocks):
       if i < self._num_cross_attends:
-        z = self._cross_attends[i](z, inputs, is_training=is_training,
-                                   mask=mask)
-      z = self._latent_transformers[i](z, is_training=is_training)
+        cross_attend = self._cross_attends[i]
+        if id(cross_attend) not in prepared or not self._reuse_shared_inputs:
+          prepared[id(cross_attend)] = cross_attend.prepare(
+              inputs, self.num_latents)
+        z = self._maybe_remat(
+            lambda z, ca=cross_attend, p=prepared[id(cross_attend)]: ca(
+                z, is_training=is_training, mask=mask, prepared=p))(z)
+      z = self._maybe_remat(lambda z, lt=self._latent_transformers[i]: lt(
+          z, is_training=is_training))(z)
     return z
+
+  def _maybe_remat(self, fn):
+    return hk.remat(fn) if self._remat else fn
 
 
 class AverageDecoder(hk.Module):

@@ -64,11 +64,11 @@ def test_cross_attention_widths_default_to_kv_width():
       lambda q, kv: attention.CrossAttention(name='cross')(
           q, kv, is_training=False), latents, inputs)
   assert out.shape == (2, 4, 16)
-  assert params['cross/attention/query']['w'].shape == (16, 6)
-  assert params['cross/attention/key']['w'].shape == (6, 6)
-  assert params['cross/attention/value']['w'].shape == (6, 6)
-  assert params['cross/attention/output']['w'].shape == (6, 16)
-  assert params['cross/mlp/hidden']['w'].shape == (16, 16)
+  assert params['cross/~/attention/~/query']['w'].shape == (16, 6)
+  assert params['cross/~/attention/~/key']['w'].shape == (6, 6)
+  assert params['cross/~/attention/~/value']['w'].shape == (6, 6)
+  assert params['cross/~/attention/~/output']['w'].shape == (6, 16)
+  assert params['cross/~/mlp/hidden']['w'].shape == (16, 16)
 
 
 def test_query_residual_off_changes_output():
@@ -87,7 +87,7 @@ def test_self_attention_and_mlp_shapes():
       lambda x: attention.SelfAttention(num_heads=4, widening_factor=4,
                                         name='sa')(x, is_training=False), x)
   assert out.shape == x.shape
-  assert params['sa/mlp/hidden']['w'].shape == (16, 64)
+  assert params['sa/~/mlp/hidden']['w'].shape == (16, 64)
 
 
 def test_heads_must_divide_width():

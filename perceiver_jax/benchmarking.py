@@ -1,0 +1,157 @@
+"""Timing, FLOP-rate and memory measurements for scripts/benchmark.py.
+
+MFU (model FLOP utilisation) = achieved FLOP/s of a step / the peak FLOP/s of
+this machine, where both are measured in the same process: the step's FLOPs
+are counted from its traced jaxpr (perceiver_jax.flops; the formulation that
+actually runs, forward and backward), and the peak is the best rate of a
+large matmul (float32 on CPU, bfloat16 on accelerators).
+"""
+
+import gc
+import resource
+import statistics
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from perceiver_jax import flops as flops_lib
+from perceiver_jax import models
+from perceiver_jax.training import losses
+from perceiver_jax.training import optimizers
+
+
+def time_calls(fn: Callable[[], Any], *, warmup: int = 2, steps: int = 10
+               ) -> list[float]:
+  """Seconds per call of `fn` (blocking on its result), after warm-up."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def summarize_times(times: list[float]) -> dict[str, float]:
+  quartiles = np.percentile(times, [25, 75])
+  return {'median_s': statistics.median(times), 'min_s': min(times),
+          'max_s': max(times), 'iqr_s': float(quartiles[1] - quartiles[0]),
+          'num_timed_steps': len(times)}
+
+
+def peak_flops(size: Optional[int] = None, steps: int = 10) -> dict[str, Any]:
+  """Best FLOP/s of a square matmul: float32 on CPU, bfloat16 elsewhere."""
+  on_cpu = jax.default_backend() == 'cpu'
+  size = size or (2048 if on_cpu else 8192)
+  dtype = jnp.float32 if on_cpu else jnp.bfloat16
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+  matmul = jax.jit(jnp.matmul)
+  times = time_calls(lambda: matmul(a, b), warmup=2, steps=steps)
+  return {'peak_flops': 2 * size**3 / min(times),
+          'peak_matmul': f'{size}x{size} {jnp.dtype(dtype).name}'}
+
+
+def process_peak_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def device_memory(compiled) -> dict[str, int]:
+  """XLA's buffer plan of a compiled step, and device stats if available."""
+  out = {}
+  analysis = compiled.memory_analysis()
+  if analysis is not None:
+    out['xla_temp_bytes'] = int(analysis.temp_size_in_bytes)
+    out['xla_total_bytes'] = int(
+        analysis.temp_size_in_bytes + analysis.argument_size_in_bytes +
+        analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+  stats = jax.local_devices()[0].memory_stats()
+  if stats and 'peak_bytes_in_use' in stats:
+    out['device_peak_bytes'] = int(stats['peak_bytes_in_use'])
+  return out
+
+
+def make_step(experiment_config: ml_collections.ConfigDict, mode: str,
+              batch_size: int) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+  """A jitted forward or train step of the config's model on random data.
+
+  Returns:
+    (step, args): `step(*args)` runs once; the train step donates its params
+    and optimizer state and returns the new ones.
+  """
+  forward = models.make_forward(experiment_config.model)
+  shape = experiment_config.data.input_shape
+  rng = jax.random.key(0)
+
+  def make_input(s, key):
+    return jax.random.uniform(key, (batch_size,) + tuple(s), jnp.float32)
+
+  if hasattr(shape, 'items'):
+    keys = jax.random.split(rng, len(shape))
+    inputs = {k: make_input(v, key)
+              for (k, v), key in zip(sorted(shape.items()), keys)}
+  else:
+    inputs = make_input(shape, rng)
+  num_classes = experiment_config.data.num_classes
+  labels = jax.random.randint(rng, (batch_size,), 0, num_classes)
+  params = forward.init(rng, inputs, is_training=mode == 'train')
+  if mode == 'forward':
+    fn = jax.jit(lambda p, x: forward.apply(p, None, x, is_training=False))
+    return fn, (params, inputs)
+  optimizer, _ = optimizers.make_optimizer(
+      experiment_config.optimizer, steps_per_epoch=1000, total_steps=10**6)
+
+  def train_step(p, opt_state, x, y, key):
+    def loss_fn(p):
+      logits = forward.apply(p, key, x, is_training=True)
+      return jnp.mean(losses.softmax_cross_entropy(logits, y))
+    loss, grads = jax.value_and_grad(loss_fn)(p)
+    updates, opt_state = optimizer.update(grads, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state, loss
+
+  return (jax.jit(train_step, donate_argnums=(0, 1)),
+          (params, optimizer.init(params), inputs, labels, rng))
+
+
+def benchmark(experiment_config: ml_collections.ConfigDict, *, mode: str,
+              batch_size: int, steps: int = 10,
+              peak: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+  """Times one configuration; returns the JSON-ready measurements."""
+  if mode not in ('train', 'forward'):
+    raise ValueError(f"mode must be 'train' or 'forward', got {mode!r}.")
+  gc.collect()
+  step, args = make_step(experiment_config, mode, batch_size)
+  step_flops = flops_lib.count_flops(step, *args)
+  start = time.perf_counter()
+  compiled = step.lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  memory = device_memory(compiled)
+
+  state = list(args)
+  if mode == 'train':
+    def run():
+      state[0], state[1], loss = compiled(*state)
+      return loss
+  else:
+    def run():
+      return compiled(*state)
+  times = time_calls(run, warmup=2, steps=steps)
+  result = summarize_times(times)
+  median = result['median_s']
+  result.update(
+      mode=mode, batch_size=batch_size, compile_s=compile_s,
+      examples_per_s=batch_size / median, flops_per_step=step_flops,
+      achieved_flops=step_flops / median, **memory,
+      process_peak_rss_bytes=process_peak_rss_bytes())
+  if peak is not None:
+    result.update(peak)
+    result['mfu'] = result['achieved_flops'] / peak['peak_flops']
+  result['backend'] = jax.default_backend()
+  result['device'] = jax.local_devices()[0].device_kind
+  return result

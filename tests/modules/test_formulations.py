@@ -1,0 +1,128 @@
+"""Exact reformulations of cross-attention give the direct results."""
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perceiver_jax.modules import attention
+from perceiver_jax.modules import perceiver
+
+
+def _assert_close(a, b, rtol=1e-5):
+  """Relative to each array's scale (float32 sums in a different order)."""
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    scale = max(np.max(np.abs(y)), 1e-30)
+    np.testing.assert_array_less(np.max(np.abs(x - y)) / scale, rtol)
+
+
+def _cross(formulation, chunk_size=None):
+  def fn(q, kv, mask):
+    return attention.CrossAttention(
+        formulation=formulation, chunk_size=chunk_size, name='cross')(
+            q, kv, is_training=False, mask=mask)
+  return hk.transform(fn)
+
+
+def _data(m=37, mask_kind=None):
+  q = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  kv = jax.random.normal(jax.random.key(1), (2, m, 7)) * 2 + 0.5
+  mask = None
+  if mask_kind == 'keys':
+    mask = jnp.arange(m)[None] < jnp.array([[m - 9], [4]])
+  elif mask_kind == 'empty_row':
+    mask = jnp.ones((2, 5, m), bool).at[1, 2].set(False)
+  return q, kv, mask
+
+
+@pytest.mark.parametrize('formulation, chunk_size', [
+    ('reformulated', None), ('direct', 8), ('reformulated', 8),
+    ('reformulated', 37), ('direct', 5)])
+@pytest.mark.parametrize('mask_kind', [None, 'keys', 'empty_row'])
+def test_outputs_and_gradients_match_direct(formulation, chunk_size,
+                                            mask_kind):
+  q, kv, mask = _data(mask_kind=mask_kind)
+  direct = _cross('direct')
+  other = _cross(formulation, chunk_size)
+  params = direct.init(jax.random.key(2), q, kv, mask)
+  # Non-zero biases, so the bias arguments of the reformulation are tested.
+  params = jax.tree.map(
+      lambda p: p + 0.1 * jax.random.normal(jax.random.key(3), p.shape),
+      params)
+  _assert_close(other.apply(params, None, q, kv, mask),
+                direct.apply(params, None, q, kv, mask))
+
+  def grads(f):
+    loss = lambda p, q, kv: jnp.sum(jnp.sin(f.apply(p, None, q, kv, mask)))
+    return jax.grad(loss, argnums=(0, 1, 2))(params, q, kv)
+
+  got, want = grads(other), grads(direct)
+  # b_k gets no gradient in either (it cancels in the softmax).
+  for tree in (got, want):
+    tree[0]['cross/~/attention/~/key']['b'] = 0.0 * tree[0][
+        'cross/~/attention/~/key']['b']
+  _assert_close(got, want)
+
+
+def test_fully_masked_query_gives_zero_attention():
+  q, kv, mask = _data(mask_kind='empty_row')
+  out = hk.transform(lambda q, kv, m: attention.Attention(
+      num_heads=1, formulation='reformulated', name='a')(
+          q, kv, is_training=False, mask=m))
+  params = out.init(jax.random.key(0), q, kv, mask)
+  no_attention = params['a/~/output']['b']
+  np.testing.assert_allclose(out.apply(params, None, q, kv, mask)[1, 2],
+                             no_attention, atol=1e-6)
+
+
+def test_auto_picks_the_cheaper_formulation():
+  costs = attention.formulation_costs(
+      num_queries=512, num_inputs=50176, input_channels=261, qk_channels=261,
+      v_channels=261)
+  assert costs['reformulated'] < costs['direct']
+  small = attention.formulation_costs(
+      num_queries=512, num_inputs=64, input_channels=261, qk_channels=261,
+      v_channels=261)
+  assert small['direct'] < small['reformulated']
+  attn = hk.transform(lambda: [
+      attention.Attention(num_heads=h, formulation='auto').formulation(
+          512, m, 261) for h, m in ((1, 50176), (1, 64), (2, 50176))])
+  assert attn.apply(attn.init(None), None) == [
+      'reformulated', 'direct', 'direct']
+
+
+def test_reformulated_needs_one_head():
+  with pytest.raises(ValueError, match='num_heads=1'):
+    hk.transform(lambda: attention.Attention(
+        num_heads=2, formulation='reformulated')).init(None)
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(reuse_shared_inputs=False),
+    dict(cross_attention='direct'),
+    dict(cross_attention='reformulated', cross_attention_chunk_size=16),
+    dict(remat=True),
+])
+def test_encoder_variants_match_the_paper_formulation(kwargs):
+  x = jax.random.normal(jax.random.key(0), (2, 50, 6))
+  base = dict(num_latents=4, latent_dim=8, num_cross_attends=3,
+              num_self_attends_per_block=1, num_self_heads=2)
+
+  def make(**kw):
+    return hk.transform(lambda x: perceiver.PerceiverEncoder(
+        name='encoder', **base, **kw)(x, is_training=False))
+
+  paper = make(cross_attention='direct', reuse_shared_inputs=False)
+  variant = make(**kwargs)
+  params = paper.init(jax.random.key(1), x)
+  _assert_close(variant.apply(params, None, x), paper.apply(params, None, x))
+  loss = lambda f: jax.grad(
+      lambda p: jnp.sum(f.apply(p, None, x) ** 2))(params)
+  got, want = loss(variant), loss(paper)
+  for tree in (got, want):
+    for name in tree:
+      if name.endswith('attention/~/key'):
+        tree[name]['b'] = 0.0 * tree[name]['b']
+  _assert_close(got, want)

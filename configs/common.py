@@ -94,3 +94,21 @@ def optimizer(name: str = 'lamb', base_lr: float = 4e-3,
       clip_grad_norm=clip_grad_norm, schedule=schedule,
       decay_pos_embs=decay_pos_embs, decay_latents=decay_latents,
       **schedule_kwargs))
+
+
+def efficiency_options(chunk_size: Optional[int] = None) -> dict[str, Any]:
+  """Encoder fields that change cost, never results (see attention.py).
+
+  cross_attention: 'auto' (cheaper exact formulation), 'direct' (the paper's)
+    or 'reformulated' (never projects the byte array; one head only).
+  cross_attention_chunk_size: process the byte array in chunks of this many
+    inputs with an online softmax (None: all at once).
+  reuse_shared_inputs: cross-attends sharing weights share LN(inputs) and its
+    projections.
+  remat: recompute each block's activations in the backward pass.
+  """
+  return dict(
+      cross_attention='auto',
+      cross_attention_chunk_size=ml_collections.FieldReference(
+          chunk_size, field_type=int),
+      reuse_shared_inputs=True, remat=False)

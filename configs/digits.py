@@ -49,7 +49,8 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
               num_self_attends_per_block=2, num_cross_heads=1,
               num_self_heads=4, cross_widening_factor=2,
               self_widening_factor=2, share_cross_attends=True,
-              share_latent_transformer=True, dropout_prob=0.0),
+              share_latent_transformer=True, dropout_prob=0.0,
+              **common.efficiency_options()),
           decoder=dict(type='average', num_classes=10),
       ),
       optimizer=common.optimizer(

@@ -73,7 +73,8 @@ def image_model(*, image_size: int, num_freq_bands: int = 64,
           num_cross_heads=1, num_self_heads=8,
           cross_widening_factor=widening_factor,
           self_widening_factor=widening_factor, share_cross_attends=True,
-          share_latent_transformer=True, dropout_prob=0.0),
+          share_latent_transformer=True, dropout_prob=0.0,
+          **common.efficiency_options()),
       decoder=decoders[decoder],
   ))
 

@@ -19,7 +19,7 @@ PRESETS = {
                     'modality=audio_video', 'modality=audio,audio=mel',
                     'modality=audio_video,audio=mel', 'p2', 'debug',
                     'modality=audio_video,debug'],
-    'modelnet40.py': [None, 'debug'],
+    'modelnet40.py': [None, 'debug', 'fixture', 'fixture,seed=2'],
 }
 
 

@@ -58,6 +58,8 @@ class MultiLabelExperiment(classification.ClassificationExperiment):
       keep = out['mask'].reshape(-1) > 0
       scores.append(out['scores'].reshape(keep.size, -1)[keep])
       labels.append(out['labels'].reshape(keep.size, -1)[keep])
+    if not scores:
+      raise ValueError(f'Eval split {self.config.data.eval_split!r} is empty.')
     scores, labels = np.concatenate(scores), np.concatenate(labels)
     results = multilabel_metrics.multilabel_metrics(labels, scores)
     logging.info('eval at step %d over %d clips: %s',

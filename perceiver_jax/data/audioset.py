@@ -591,7 +591,9 @@ def load(config: ml_collections.ConfigDict, split: str, *, is_training: bool,
     split: 'balanced_train', 'unbalanced_train' or 'eval'.
     is_training: infinite, shuffled, one random window per clip (+
       SpecAugment); else one ordered pass, `num_eval_windows` windows per
-      clip, last batch padded and masked.
+      clip, last batch padded and masked. With several hosts, every host
+      yields as many eval batches as the largest share needs (the extra
+      ones all padding), so that pmapped collectives stay in step.
     batch_dims: (num_local_devices, per_device_batch).
     seed: shuffling / cropping / masking seed.
     start_step: training steps already taken (a resumed run); the stream is
@@ -627,7 +629,8 @@ def load(config: ml_collections.ConfigDict, split: str, *, is_training: bool,
   if not files:
     raise ValueError(f'AudioSet split {split!r} has no shards in '
                      f'{config.data_dir}.')
-  ds = _host_records(files, jax.process_index(), jax.process_count(),
+  process_index, process_count = jax.process_index(), jax.process_count()
+  ds = _host_records(files, process_index, process_count,
                      shuffle=is_training, seed=seed)
   parse = _make_parser(config, meta, is_training)
   calls = (tf.data.AUTOTUNE if config.num_parallel_calls < 0
@@ -646,7 +649,12 @@ def load(config: ml_collections.ConfigDict, split: str, *, is_training: bool,
   ds = ds.map(lambda r: parse(r, tf.zeros([2], tf.int64)),
               num_parallel_calls=calls, deterministic=True)
   ds = ds.batch(batch_size).prefetch(2)
-  return _eval_iterator(ds, batch_size, batch_dims)
+  num_batches = None
+  if process_count > 1:
+    shares = _host_share_sizes(files, int(split_meta['written']),
+                               process_count)
+    num_batches = max(1, -(-max(shares) // batch_size))
+  return _eval_iterator(ds, batch_size, batch_dims, num_batches)
 
 
 def _train_iterator(ds, batch_dims):
@@ -655,10 +663,57 @@ def _train_iterator(ds, batch_dims):
     yield common.reshape_for_devices(batch, batch_dims)
 
 
-def _eval_iterator(ds, batch_size, batch_dims):
+def _eval_iterator(ds, batch_size, batch_dims, num_batches=None):
+  """This host's padded batches, then all-padding ones up to num_batches."""
+  count = 0
   for batch in ds.as_numpy_iterator():
+    count += 1
     yield common.reshape_for_devices(common.pad_batch(batch, batch_size),
                                      batch_dims)
+  if num_batches is not None and count < num_batches:
+    padding = jax.tree.map(
+        lambda spec: np.zeros([batch_size] + spec.shape[1:].as_list(),
+                              spec.dtype.as_numpy_dtype), ds.element_spec)
+    padding['mask'] = np.zeros([batch_size], np.float32)
+    for _ in range(num_batches - count):
+      yield common.reshape_for_devices(padding, batch_dims)
+
+
+def _host_share_sizes(files: Sequence[str], num_records: int,
+                      process_count: int) -> list[int]:
+  """Records each host reads, as `_host_records` splits them."""
+  if len(files) >= process_count:
+    counts = [count_records(f) for f in files]
+    if sum(counts) != num_records:
+      raise ValueError(f'The shards {files[0]}... hold {sum(counts)} records '
+                       f'but metadata.json says {num_records}; re-run '
+                       'prepare_audioset.py.')
+    return [sum(counts[i::process_count]) for i in range(process_count)]
+  return [len(range(i, num_records, process_count))
+          for i in range(process_count)]
+
+
+def count_records(path: str) -> int:
+  """Records in a TFRecord file, reading only their 12-byte headers.
+
+  Raises:
+    ValueError: if the file ends inside a record.
+  """
+  size = tf.io.gfile.stat(path).length
+  count, offset = 0, 0
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    while offset < size:
+      f.seek(offset)
+      header = f.read(12)  # uint64 length, uint32 masked CRC of the length.
+      if len(header) < 12:
+        raise ValueError(f'Truncated TFRecord file {path} at byte {offset}.')
+      length = int.from_bytes(header[:8], 'little')
+      offset += 12 + length + 4  # Header, data, uint32 CRC of the data.
+      count += 1
+  if offset != size:
+    raise ValueError(f'Truncated TFRecord file {path}: its last record ends '
+                     f'at byte {offset} of {size}.')
+  return count
 
 
 def _host_records(files: Sequence[str], process_index: int,

@@ -152,8 +152,10 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
   def _initialize_params(self, batch: Mapping[str, Any]) -> None:
     """Creates params and optimizer state, identical on every host."""
     inputs = jax.tree.map(lambda x: x[0], batch['inputs'])  # One device.
-    params = self.forward.init(self._init_rng, inputs, is_training=True)
-    opt_state = self._optimizer.init(params)
+    # Jitted: one compilation instead of many small eager ops.
+    params = jax.jit(functools.partial(self.forward.init, is_training=True))(
+        self._init_rng, inputs)
+    opt_state = jax.jit(self._optimizer.init)(params)
     self._params = parallel.replicate(params)
     self._opt_state = parallel.replicate(opt_state)
 

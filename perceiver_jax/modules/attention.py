@@ -20,8 +20,15 @@ Cross-attention has two exact formulations (`formulation=`):
   'auto':          picks the cheaper one by `formulation_costs`.
 Both may also process M in chunks with an online softmax (`chunk_size`), so
 the N x M logits are never held all at once.
+
+In both, the scale and offset of the input LayerNorm are folded into the maps
+that follow it (`prepare_kv(..., affine=)`): the attention reads the
+standardised inputs (x - mean) / std, which depend on no parameter when the
+byte array is data, so training never back-propagates into the [B, M, C]
+array (no dx matmuls, no LayerNorm backward over M).
 """
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -37,9 +44,32 @@ def linear_init() -> hk.initializers.Initializer:
   return hk.initializers.VarianceScaling(1.0, 'fan_in', 'truncated_normal')
 
 
-def layer_norm(name: str) -> hk.LayerNorm:
-  return hk.LayerNorm(axis=-1, create_scale=True, create_offset=True,
-                      eps=1e-5, name=name)
+class LayerNorm(hk.LayerNorm):
+  """hk.LayerNorm over channels (eps 1e-5) that can also hand out its parts.
+
+  Parameters 'scale' and 'offset' [C] as in hk.LayerNorm. `standardize`
+  returns the normalised inputs without the affine part, plus that part, for
+  callers that fold it into the linear map that follows.
+  """
+
+  def __init__(self, name: Optional[str] = None):
+    super().__init__(axis=-1, create_scale=True, create_offset=True,
+                     eps=1e-5, name=name)
+
+  def standardize(self, x: jax.Array
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """[..., C] -> ((x - mean) / std [..., C], scale [C], offset [C])."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    variance = jnp.var(x, axis=-1, keepdims=True)
+    normalized = (x - mean) * jax.lax.rsqrt(variance + self.eps)
+    channels = x.shape[-1]
+    scale = hk.get_parameter('scale', [channels], x.dtype, init=jnp.ones)
+    offset = hk.get_parameter('offset', [channels], x.dtype, init=jnp.zeros)
+    return normalized, scale, offset
+
+
+def layer_norm(name: str) -> LayerNorm:
+  return LayerNorm(name=name)
 
 
 def _check_mask(mask: jax.Array, batch: int, n: int, m: int) -> jax.Array:
@@ -98,18 +128,60 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     # cuDNN flash attention where the shapes and dtype allow it.
     return jax.nn.dot_product_attention(q, k, v, scale=scale)
   # Head-first batched matmuls: faster than [B, N, H, K] einsums on CPU.
-  qh = jnp.swapaxes(q, 1, 2)  # [B, H, N, K]
-  kh = jnp.transpose(k, (0, 2, 3, 1))  # [B, H, K, M]
-  vh = jnp.swapaxes(v, 1, 2)  # [B, H, M, V]
-  logits = jnp.matmul(qh, kh).astype(jnp.float32) * scale  # [B, H, N, M]
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1)
-  if mask is not None:
-    # A row with no real key would otherwise spread weight uniformly.
-    weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
-  out = jnp.matmul(weights.astype(v.dtype), vh)  # [B, H, N, V]
+  out = _attend(jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2),
+                jnp.swapaxes(v, 1, 2), mask, scale)  # [B, H, N, V]
   return jnp.swapaxes(out, 1, 2)
+
+
+def _softmax_weights(q, k, mask, scale):
+  """float32 softmax(q k^T scale) [B, H, N, M]; rows with no key give 0."""
+  logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2)).astype(jnp.float32) * scale
+  if mask is None:
+    return jax.nn.softmax(logits, axis=-1)
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1)
+  # A row with no real key would otherwise spread weight uniformly.
+  return jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(q, k, v, mask, scale):
+  """softmax(q k^T scale) v for head-first q [B, H, N, K], k [B, H, M, K],
+  v [B, H, M, V] and a mask broadcastable to [B, H, N, M] (or None).
+
+  The backward pass takes the softmax's row sums sum_m(dP * P) as
+  sum_v(dO * O), over V channels instead of M keys (as FlashAttention does):
+  the same number, without a reduction over the [B, H, N, M] array.
+  """
+  weights = _softmax_weights(q, k, mask, scale)
+  return jnp.matmul(weights.astype(v.dtype), v)
+
+
+def _attend_fwd(q, k, v, mask, scale):
+  need_q, need_k, need_v = q.perturbed, k.perturbed, v.perturbed
+  q, k, v, mask = q.value, k.value, v.value, getattr(mask, 'value', mask)
+  weights = _softmax_weights(q, k, mask, scale)
+  out = jnp.matmul(weights.astype(v.dtype), v)
+  # None marks a gradient that is not needed (symbolic zeros).
+  return out, (k if need_q else None, q if need_k else None, need_v or None,
+               v, weights, out)
+
+
+def _attend_bwd(scale, residuals, g):
+  k_for_dq, q_for_dk, need_dv, v, weights, out = residuals
+  dv = None if need_dv is None else jnp.matmul(
+      jnp.swapaxes(weights, -1, -2).astype(g.dtype), g)
+  dweights = jnp.matmul(g, jnp.swapaxes(v, -1, -2)).astype(jnp.float32)
+  row_sums = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32),
+                     axis=-1, keepdims=True)  # [B, H, N, 1]
+  dlogits = (weights * (dweights - row_sums) * scale).astype(g.dtype)
+  dq = None if k_for_dq is None else jnp.matmul(dlogits, k_for_dq)
+  dk = None if q_for_dk is None else jnp.matmul(
+      jnp.swapaxes(dlogits, -1, -2), q_for_dk)
+  return dq, dk, dv, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd, symbolic_zeros=True)
 
 
 def _chunked_attention(q, k, v, mask, scale, chunk_size):
@@ -191,7 +263,42 @@ class Dense(hk.Module):
   def __call__(self, x: jax.Array, output_size: int) -> jax.Array:
     """Maps [..., C_in] -> [..., C_out]."""
     w, b = self.params(x.shape[-1], output_size)
-    return jnp.dot(x, w.astype(x.dtype)) + b.astype(x.dtype)
+    return linear(x, w.astype(x.dtype), b.astype(x.dtype))
+
+
+@jax.custom_vjp
+def linear(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+  """x W + b for x [..., C_in], W [C_in, C_out], b [C_out]."""
+  return jnp.dot(x, w) + b
+
+
+# The gradients of `linear` and `_attend` are written out so that XLA:CPU
+# gets weight gradients as x^T g with the activation x (stored by the forward
+# pass) as the transposed operand, rather than the output gradient g, whose
+# transposed copy XLA fuses with the whole chain of residual-stream gradients
+# above it (recomputed once per layer: quadratic in depth). Gradients with
+# respect to inputs that need none (data, constants) are skipped, so they are
+# neither run nor counted in FLOPs.
+
+
+def _linear_fwd(x, w, b):
+  # Residuals hold None where no gradient is needed (symbolic zeros).
+  out = linear(x.value, w.value, b.value)
+  return out, (w.value if x.perturbed else None,
+               x.value if w.perturbed else None, b.perturbed or None)
+
+
+def _linear_bwd(residuals, g):
+  w_for_dx, x_for_dw, need_db = residuals
+  g2 = g.reshape(-1, g.shape[-1])
+  dx = None if w_for_dx is None else jnp.dot(g, w_for_dx.T)
+  dw = None if x_for_dw is None else jax.lax.dot_general(
+      x_for_dw.reshape(-1, x_for_dw.shape[-1]), g2, (((0,), (0,)), ((), ())))
+  db = None if need_db is None else jnp.sum(g2, axis=0)
+  return dx, dw, db
+
+
+linear.defvjp(_linear_fwd, _linear_bwd, symbolic_zeros=True)
 
 
 class MLP(hk.Module):
@@ -208,10 +315,9 @@ class MLP(hk.Module):
   def __call__(self, x: jax.Array, *, is_training: bool) -> jax.Array:
     """Maps [..., C] -> [..., C]."""
     channels = x.shape[-1]
-    x = hk.Linear(self._widening_factor * channels, w_init=linear_init(),
-                  name='hidden')(x)
+    x = Dense(name='hidden')(x, self._widening_factor * channels)
     x = jax.nn.gelu(x)
-    x = hk.Linear(channels, w_init=linear_init(), name='output')(x)
+    x = Dense(name='output')(x, channels)
     return _dropout(x, self._dropout_prob, is_training)
 
 
@@ -275,20 +381,42 @@ class Attention(hk.Module):
         num_uses=self._num_uses)
     return min(costs, key=costs.get)
 
-  def prepare_kv(self, inputs_kv: jax.Array, num_queries: int
+  def prepare_kv(self, inputs_kv: jax.Array, num_queries: int,
+                 affine: Optional[tuple[jax.Array, jax.Array]] = None
                  ) -> dict[str, Any]:
-    """The key/value side for queries of length N, from [B, M, C] inputs."""
+    """The key/value side for queries of length N, from [B, M, C] inputs.
+
+    `affine` = (scale, offset), both [C], means the keys and values are
+    computed from inputs_kv * scale + offset; the pair is folded into the
+    key/value maps instead of being applied to the [B, M, C] inputs.
+    """
     formulation = self.formulation(num_queries, *inputs_kv.shape[1:])
+    prepared = {'formulation': formulation, 'inputs': inputs_kv,
+                'affine': affine}
     if formulation == 'reformulated':
-      return {'formulation': formulation, 'inputs': inputs_kv}
-    qk, v = self._widths(inputs_kv.shape[-1])
+      return prepared
+    channels = inputs_kv.shape[-1]
+    qk, v = self._widths(channels)
     h = self._num_heads
-    k = self._key(inputs_kv, qk)
-    v = self._value(inputs_kv, v)
-    return {'formulation': formulation,
-            'k': k.reshape(k.shape[:-1] + (h, qk // h)),  # [B, M, H, K]
-            'v': v.reshape(v.shape[:-1] + (h, v.shape[-1] // h)),
-            'inputs': inputs_kv}
+    for name, dense, width, heads_width in (('k', self._key, qk, qk // h),
+                                            ('v', self._value, v, v // h)):
+      w, b = self._folded(dense.params(channels, width), affine)
+      y = jnp.dot(inputs_kv, w.astype(inputs_kv.dtype)) + b.astype(
+          inputs_kv.dtype)
+      prepared[name] = y.reshape(y.shape[:-1] + (h, heads_width))  # [B,M,H,_]
+    return prepared
+
+  @staticmethod
+  def _folded(weights: tuple[jax.Array, jax.Array],
+              affine: Optional[tuple[jax.Array, jax.Array]]
+              ) -> tuple[jax.Array, jax.Array]:
+    """(W, b) of x -> (x * scale + offset) W + b, i.e. diag(scale) W and
+    offset W + b."""
+    w, b = weights
+    if affine is None:
+      return w, b
+    scale, offset = affine
+    return scale[:, None] * w, jnp.dot(offset, w) + b
 
   def __call__(self, inputs_q: jax.Array,
                inputs_kv: Optional[jax.Array] = None, *, is_training: bool,
@@ -307,8 +435,11 @@ class Attention(hk.Module):
     h = self._num_heads
     q = self._query(inputs_q, qk)  # [B, N, qk]
     if prepared['formulation'] == 'reformulated':
-      w_k, _ = self._key.params(kv_channels, qk)  # b_k cancels.
-      w_v, b_v = self._value.params(kv_channels, v_channels)
+      affine = prepared['affine']
+      # b_k (and the offset's share of the logits) cancel in the softmax.
+      w_k, _ = self._folded(self._key.params(kv_channels, qk), affine)
+      w_v, b_v = self._folded(self._value.params(kv_channels, v_channels),
+                              affine)
       q_in = jnp.dot(q, w_k.T.astype(q.dtype))  # [B, N, C]
       attended = dot_product_attention(
           q_in[:, :, None], inputs_kv[:, :, None], inputs_kv[:, :, None],
@@ -354,8 +485,9 @@ class CrossAttention(hk.Module):
 
   def prepare(self, inputs_kv: jax.Array, num_queries: int) -> dict[str, Any]:
     """LN and key/value side of the [B, M, C] inputs, for N queries."""
-    return self._attention.prepare_kv(self._input_norm(inputs_kv),
-                                      num_queries)
+    normalized, scale, offset = self._input_norm.standardize(inputs_kv)
+    return self._attention.prepare_kv(normalized, num_queries,
+                                      affine=(scale, offset))
 
   def __call__(self, inputs_q: jax.Array,
                inputs_kv: Optional[jax.Array] = None, *, is_training: bool,
@@ -387,9 +519,28 @@ class SelfAttention(hk.Module):
   def __call__(self, x: jax.Array, *, is_training: bool,
                mask: Optional[jax.Array] = None) -> jax.Array:
     """Maps [B, N, D] (mask [B, N] or [B, N, N]) to [B, N, D]."""
+    x = residual_stream(x)
     y = self._attention_norm(x)
-    x = x + self._attention(y, y, is_training=is_training, mask=mask)
+    x = residual_stream(x + self._attention(y, y, is_training=is_training,
+                                            mask=mask))
     return x + self._mlp(self._mlp_norm(x), is_training=is_training)
+
+
+@jax.custom_vjp
+def residual_stream(x: jax.Array) -> jax.Array:
+  """Identity whose gradient is computed once and stored."""
+  return x
+
+
+def _residual_stream_fwd(x):
+  return x, None
+
+
+def _residual_stream_bwd(_, g):
+  return (jax.lax.optimization_barrier(g),)
+
+
+residual_stream.defvjp(_residual_stream_fwd, _residual_stream_bwd)
 
 
 def _dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:

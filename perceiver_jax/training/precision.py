@@ -8,7 +8,7 @@ Modules hold no dtype logic; `apply_policy(config.training.precision,
   float32 (so are the gradients and the optimizer state, which follow the
   parameters), inputs and parameters are cast to bfloat16 for compute, and
   the outputs (logits) come back in float32 for the loss. Normalisation
-  layers (hk.LayerNorm, hk.BatchNorm) compute in float32 (mean and variance
+  layers (LayerNorm, BatchNorm) compute in float32 (mean and variance
   in bfloat16 lose too much) and hand bfloat16 back to the model.
 
 Attention softmax must run in float32 too: a policy applies to whole module
@@ -30,10 +30,13 @@ from typing import Sequence
 import haiku as hk
 import jmp
 
+from perceiver_jax.modules import attention
+
 PRECISIONS = ('float32', 'bfloat16')
 
 # Statistics layers that must compute in float32 under a bfloat16 policy.
-NORM_CLASSES: tuple[type[hk.Module], ...] = (hk.LayerNorm, hk.BatchNorm)
+NORM_CLASSES: tuple[type[hk.Module], ...] = (
+    hk.LayerNorm, attention.LayerNorm, hk.BatchNorm)
 
 _MODEL_POLICY = 'params=float32,compute=bfloat16,output=float32'
 _NORM_POLICY = 'params=float32,compute=float32,output=bfloat16'

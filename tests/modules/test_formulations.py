@@ -126,3 +126,42 @@ def test_encoder_variants_match_the_paper_formulation(kwargs):
       if name.endswith('attention/~/key'):
         tree[name]['b'] = 0.0 * tree[name]['b']
   _assert_close(got, want)
+
+
+def _reference_cross_attend(p, q, kv):
+  """P1's cross-attend written out: LN, projections, softmax, MLP (1 head)."""
+  def ln(x, name):
+    mean, var = jnp.mean(x, -1, keepdims=True), jnp.var(x, -1, keepdims=True)
+    return ((x - mean) / jnp.sqrt(var + 1e-5) * p[f'cross/~/{name}']['scale']
+            + p[f'cross/~/{name}']['offset'])
+
+  def dense(x, name):
+    return x @ p[f'cross/~/{name}']['w'] + p[f'cross/~/{name}']['b']
+
+  qn, kvn = ln(q, 'query_norm'), ln(kv, 'input_norm')
+  query = dense(qn, 'attention/~/query')
+  key, value = dense(kvn, 'attention/~/key'), dense(kvn, 'attention/~/value')
+  logits = query @ jnp.swapaxes(key, 1, 2) / np.sqrt(query.shape[-1])
+  x = q + dense(jax.nn.softmax(logits) @ value, 'attention/~/output')
+  mlp = lambda x, name: x @ p[f'cross/~/mlp/{name}']['w'] + p[
+      f'cross/~/mlp/{name}']['b']  # hk.Linear names.
+  return x + mlp(jax.nn.gelu(mlp(ln(x, 'mlp_norm'), 'hidden')), 'output')
+
+
+@pytest.mark.parametrize('formulation', ['direct', 'reformulated'])
+def test_folded_input_norm_matches_the_written_out_cross_attend(formulation):
+  q, kv, _ = _data()
+  module = _cross(formulation)
+  params = module.init(jax.random.key(2), q, kv, None)
+  # Scales away from 1 and offsets away from 0, so the fold is exercised.
+  params = jax.tree.map(
+      lambda p: p + 0.3 * jax.random.normal(jax.random.key(3), p.shape),
+      params)
+  _assert_close(module.apply(params, None, q, kv, None),
+                _reference_cross_attend(params, q, kv))
+  loss = lambda f: lambda p: jnp.sum(jnp.sin(f(p)))
+  got = jax.grad(loss(lambda p: module.apply(p, None, q, kv, None)))(params)
+  want = jax.grad(loss(lambda p: _reference_cross_attend(p, q, kv)))(params)
+  for tree in (got, want):  # b_k cancels in the softmax.
+    del tree['cross/~/attention/~/key']['b']
+  _assert_close(got, want)

@@ -133,9 +133,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return jnp.swapaxes(out, 1, 2)
 
 
-def _softmax_weights(q, k, mask, scale):
-  """float32 softmax(q k^T scale) [B, H, N, M]; rows with no key give 0."""
-  logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2)).astype(jnp.float32) * scale
+def _softmax_weights(q, k, mask):
+  """float32 softmax(q k^T) [B, H, N, M]; rows with no key give 0."""
+  logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2)).astype(jnp.float32)
   if mask is None:
     return jax.nn.softmax(logits, axis=-1)
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -149,18 +149,20 @@ def _attend(q, k, v, mask, scale):
   """softmax(q k^T scale) v for head-first q [B, H, N, K], k [B, H, M, K],
   v [B, H, M, V] and a mask broadcastable to [B, H, N, M] (or None).
 
-  The backward pass takes the softmax's row sums sum_m(dP * P) as
-  sum_v(dO * O), over V channels instead of M keys (as FlashAttention does):
-  the same number, without a reduction over the [B, H, N, M] array.
+  The scale is applied to q (N x K numbers, not N x M logits). The backward
+  pass takes the softmax's row sums sum_m(dP * P) as sum_v(dO * O), over V
+  channels instead of M keys (as FlashAttention does): the same number,
+  without a reduction over the [B, H, N, M] array.
   """
-  weights = _softmax_weights(q, k, mask, scale)
+  weights = _softmax_weights(q * scale, k, mask)
   return jnp.matmul(weights.astype(v.dtype), v)
 
 
 def _attend_fwd(q, k, v, mask, scale):
   need_q, need_k, need_v = q.perturbed, k.perturbed, v.perturbed
   q, k, v, mask = q.value, k.value, v.value, getattr(mask, 'value', mask)
-  weights = _softmax_weights(q, k, mask, scale)
+  q = q * scale
+  weights = _softmax_weights(q, k, mask)
   out = jnp.matmul(weights.astype(v.dtype), v)
   # None marks a gradient that is not needed (symbolic zeros).
   return out, (k if need_q else None, q if need_k else None, need_v or None,
@@ -168,16 +170,16 @@ def _attend_fwd(q, k, v, mask, scale):
 
 
 def _attend_bwd(scale, residuals, g):
-  k_for_dq, q_for_dk, need_dv, v, weights, out = residuals
+  k_for_dq, scaled_q_for_dk, need_dv, v, weights, out = residuals
   dv = None if need_dv is None else jnp.matmul(
       jnp.swapaxes(weights, -1, -2).astype(g.dtype), g)
   dweights = jnp.matmul(g, jnp.swapaxes(v, -1, -2)).astype(jnp.float32)
   row_sums = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32),
                      axis=-1, keepdims=True)  # [B, H, N, 1]
-  dlogits = (weights * (dweights - row_sums) * scale).astype(g.dtype)
-  dq = None if k_for_dq is None else jnp.matmul(dlogits, k_for_dq)
-  dk = None if q_for_dk is None else jnp.matmul(
-      jnp.swapaxes(dlogits, -1, -2), q_for_dk)
+  dlogits = (weights * (dweights - row_sums)).astype(g.dtype)  # [B, H, N, M]
+  dq = None if k_for_dq is None else jnp.matmul(dlogits, k_for_dq) * scale
+  dk = None if scaled_q_for_dk is None else jnp.matmul(
+      jnp.swapaxes(dlogits, -1, -2), scaled_q_for_dk)
   return dq, dk, dv, None
 
 

@@ -156,10 +156,13 @@ def _concat_grid_fourier(x: jax.Array, grid: tuple[int, ...], num_bands: int,
   """[B, M, F] -> [B, M, F + d(2K+1)] with the grid's Fourier features."""
   pos = position_encoding.grid_fourier_features(grid, num_bands,
                                                 max_resolution)  # [M, P]
-  # Positions follow the data's dtype (e.g. a bfloat16 policy).
-  pos = jnp.broadcast_to(jnp.asarray(pos, x.dtype),
-                         (x.shape[0],) + pos.shape)  # [B, M, P]
-  return jnp.concatenate([x, pos], axis=-1)
+  # Positions follow the data's dtype (e.g. a bfloat16 policy). Written as
+  # [x, 0] + [0, pos]: XLA:CPU builds that in one pass, where concatenating
+  # with the broadcast positions first materialises the broadcast (2x time).
+  features = x.shape[-1]
+  pos = jnp.pad(jnp.asarray(pos, x.dtype), ((0, 0), (features, 0)))
+  x = jnp.pad(x, ((0, 0), (0, 0), (0, pos.shape[-1] - features)))
+  return x + pos  # [B, M, F + P]
 
 
 class _GridPreprocessor(hk.Module):

@@ -155,3 +155,16 @@ def benchmark(experiment_config: ml_collections.ConfigDict, *, mode: str,
   result['backend'] = jax.default_backend()
   result['device'] = jax.local_devices()[0].device_kind
   return result
+
+
+def growth(records: list[dict[str, Any]]) -> dict[str, float]:
+  """Least-squares slopes against M (`num_inputs`) of an input sweep's times
+  and memory: seconds and bytes per input element."""
+  m = np.array([r['num_inputs'] for r in records], np.float64)
+  slopes = {}
+  for key in ('median_s', 'process_peak_rss_bytes', 'xla_temp_bytes',
+              'device_peak_bytes'):
+    if len(records) > 1 and all(key in r for r in records):
+      values = np.array([r[key] for r in records], np.float64)
+      slopes[f'{key}_per_input'] = float(np.polyfit(m, values, 1)[0])
+  return slopes

@@ -64,6 +64,7 @@ def _apply_overrides(exp) -> None:
 def _sweep(argv) -> None:
   """Re-runs this script once per image size, each in a fresh process."""
   passthrough = [a for a in argv[1:] if not a.startswith('--sweep-inputs')]
+  records = []
   for size in _SWEEP.value:
     out = subprocess.run(
         [sys.executable, os.path.abspath(__file__), *passthrough,
@@ -73,7 +74,10 @@ def _sweep(argv) -> None:
     size = int(size)
     record['image_size'] = size
     record['num_inputs'] = size * size
+    records.append(record)
     print(json.dumps(record), flush=True)
+  print(json.dumps({'sweep_growth': benchmarking.growth(records)}),
+        flush=True)
 
 
 def main(argv):

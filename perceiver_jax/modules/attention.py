@@ -187,50 +187,54 @@ _attend.defvjp(_attend_fwd, _attend_bwd, symbolic_zeros=True)
 
 
 def _chunked_attention(q, k, v, mask, scale, chunk_size):
-  """dot_product_attention over chunks of M with an online softmax."""
+  """dot_product_attention over chunks of M with an online softmax.
+
+  Chunks are sliced out of k, v (and the mask) inside the loop, never copied
+  into a chunked layout, so the only [B, M, ...] arrays are the inputs.
+  """
   batch, n, heads, _ = q.shape
   m = k.shape[1]
-  num_chunks = -(-m // chunk_size)
-  pad = num_chunks * chunk_size - m
-  if mask is None:
-    mask = jnp.ones((batch, 1, 1, m), bool)
-  mask = jnp.broadcast_to(mask, (mask.shape[0], 1, mask.shape[2], m))
-  if pad:
-    k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, pad)))
-
-  def chunks(x, axis):  # [..., M, ...] -> [num_chunks, ..., c, ...]
-    x = x.reshape(x.shape[:axis] + (num_chunks, chunk_size) +
-                  x.shape[axis + 1:])
-    return jnp.moveaxis(x, axis, 0)
-
-  qh = jnp.swapaxes(q, 1, 2)  # [B, H, N, K]
-  xs = (chunks(jnp.transpose(k, (0, 2, 3, 1)), 3),  # [n_c, B, H, K, c]
-        chunks(jnp.swapaxes(v, 1, 2), 2),  # [n_c, B, H, c, V]
-        chunks(mask, 3))  # [n_c, B', 1, N', c]
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, mask.shape[2], m))
+  qh = jnp.swapaxes(q, 1, 2) * scale  # [B, H, N, K]
   lowest = jnp.finfo(jnp.float32).min
 
   # Rematerialised so the backward pass keeps only the carries per chunk,
   # never the N x c logits of every chunk.
   @jax.checkpoint
-  def step(carry, chunk):
+  def step(carry, kc, vc, mc):
+    """kc [B, c, H, K], vc [B, c, H, V], mc [B', 1, N', c] or None."""
     running_max, denom, acc = carry  # [B, H, N], [B, H, N], [B, H, N, V]
-    kc, vc, mc = chunk
-    logits = jnp.matmul(qh, kc).astype(jnp.float32) * scale  # [B, H, N, c]
-    logits = jnp.where(mc, logits, lowest)
+    logits = jnp.matmul(qh, jnp.transpose(kc, (0, 2, 3, 1))).astype(
+        jnp.float32)  # [B, H, N, c]
+    if mc is not None:
+      logits = jnp.where(mc, logits, lowest)
     new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
-    p = jnp.where(mc, jnp.exp(logits - new_max[..., None]), 0.0)
+    p = jnp.exp(logits - new_max[..., None])
+    if mc is not None:
+      p = jnp.where(mc, p, 0.0)
     correction = jnp.exp(running_max - new_max)
     denom = denom * correction + jnp.sum(p, axis=-1)
     acc = acc * correction[..., None] + jnp.matmul(
-        p.astype(vc.dtype), vc).astype(jnp.float32)
-    return (new_max, denom, acc), None
+        p.astype(vc.dtype), jnp.swapaxes(vc, 1, 2)).astype(jnp.float32)
+    return new_max, denom, acc
 
-  init = (jnp.full((batch, heads, n), lowest, jnp.float32),
-          jnp.zeros((batch, heads, n), jnp.float32),
-          jnp.zeros((batch, heads, n, v.shape[-1]), jnp.float32))
-  (_, denom, acc), _ = jax.lax.scan(step, init, xs)
+  def chunk(start, size):
+    mc = None if mask is None else jax.lax.dynamic_slice_in_dim(
+        mask, start, size, axis=3)
+    return (jax.lax.dynamic_slice_in_dim(k, start, size, axis=1),
+            jax.lax.dynamic_slice_in_dim(v, start, size, axis=1), mc)
+
+  carry = (jnp.full((batch, heads, n), lowest, jnp.float32),
+           jnp.zeros((batch, heads, n), jnp.float32),
+           jnp.zeros((batch, heads, n, v.shape[-1]), jnp.float32))
+  num_full = m // chunk_size
+  carry, _ = jax.lax.scan(
+      lambda c, i: (step(c, *chunk(i * chunk_size, chunk_size)), None),
+      carry, jnp.arange(num_full))
+  if m % chunk_size:  # The last, shorter chunk.
+    carry = step(carry, *chunk(num_full * chunk_size, m % chunk_size))
+  _, denom, acc = carry
   out = jnp.where(denom[..., None] > 0,
                   acc / jnp.maximum(denom, 1e-30)[..., None], 0.0)
   return jnp.swapaxes(out, 1, 2).astype(v.dtype)  # [B, N, H, V]

@@ -23,7 +23,8 @@ Presets (comma-separated after ':'):
               max resolution 64), 1 cross-attend, 128 x 256 latents, 6 blocks,
               widening 4, batch 16.
   bench_b     benchmark: 128x128 images (M = 16,384), 256 x 512 latents,
-              otherwise bench_a, batch 8.
+              otherwise bench_a, batch 8; cross-attention in chunks of 4,096
+              inputs (same results, faster on CPU).
   debug       16x16 images, a tiny model and a few steps (tests).
   seed=N      initialisation / data-order seed.
 
@@ -136,13 +137,17 @@ def build_config(options: ml_collections.ConfigDict, *, name: str,
     data.mixup_alpha, data.cutmix_alpha = 0.2, 1.0
 
   batch_size = 1024
-  for bench, size, latents, batch in (('bench_a', 64, (128, 256), 16),
-                                      ('bench_b', 128, (256, 512), 8)):
+  # bench_b chunks its 16,384 inputs: 4-5% faster training and 10% faster
+  # forward steps on the 2-core CPU than all at once (README, Performance).
+  for bench, size, latents, batch, chunk in (
+      ('bench_a', 64, (128, 256), 16, None),
+      ('bench_b', 128, (256, 512), 8, 4096)):
     if options.get(bench):
       model = image_model(
           image_size=size, num_freq_bands=32, num_latents=latents[0],
           latent_dim=latents[1], num_cross_attends=1, num_blocks=1,
           widening_factor=4)
+      model.encoder.cross_attention_chunk_size = chunk
       data = imagenet_data(size)
       batch_size = batch
 

@@ -291,17 +291,16 @@ def _linear_fwd(x, w, b):
   # Residuals hold None where no gradient is needed (symbolic zeros).
   out = linear(x.value, w.value, b.value)
   return out, (w.value if x.perturbed else None,
-               x.value if w.perturbed else None, b.perturbed or None)
+               x.value if w.perturbed else None)
 
 
 def _linear_bwd(residuals, g):
-  w_for_dx, x_for_dw, need_db = residuals
+  w_for_dx, x_for_dw = residuals
   g2 = g.reshape(-1, g.shape[-1])
   dx = None if w_for_dx is None else jnp.dot(g, w_for_dx.T)
   dw = None if x_for_dw is None else jax.lax.dot_general(
       x_for_dw.reshape(-1, x_for_dw.shape[-1]), g2, (((0,), (0,)), ((), ())))
-  db = None if need_db is None else jnp.sum(g2, axis=0)
-  return dx, dw, db
+  return dx, dw, jnp.sum(g2, axis=0)  # db: cheap, dropped by XLA if unused.
 
 
 linear.defvjp(_linear_fwd, _linear_bwd, symbolic_zeros=True)
@@ -407,8 +406,8 @@ class Attention(hk.Module):
     for name, dense, width, heads_width in (('k', self._key, qk, qk // h),
                                             ('v', self._value, v, v // h)):
       w, b = self._folded(dense.params(channels, width), affine)
-      y = jnp.dot(inputs_kv, w.astype(inputs_kv.dtype)) + b.astype(
-          inputs_kv.dtype)
+      y = linear(inputs_kv, w.astype(inputs_kv.dtype),
+                 b.astype(inputs_kv.dtype))
       prepared[name] = y.reshape(y.shape[:-1] + (h, heads_width))  # [B,M,H,_]
     return prepared
 
@@ -525,28 +524,9 @@ class SelfAttention(hk.Module):
   def __call__(self, x: jax.Array, *, is_training: bool,
                mask: Optional[jax.Array] = None) -> jax.Array:
     """Maps [B, N, D] (mask [B, N] or [B, N, N]) to [B, N, D]."""
-    x = residual_stream(x)
     y = self._attention_norm(x)
-    x = residual_stream(x + self._attention(y, y, is_training=is_training,
-                                            mask=mask))
+    x = x + self._attention(y, y, is_training=is_training, mask=mask)
     return x + self._mlp(self._mlp_norm(x), is_training=is_training)
-
-
-@jax.custom_vjp
-def residual_stream(x: jax.Array) -> jax.Array:
-  """Identity whose gradient is computed once and stored."""
-  return x
-
-
-def _residual_stream_fwd(x):
-  return x, None
-
-
-def _residual_stream_bwd(_, g):
-  return (jax.lax.optimization_barrier(g),)
-
-
-residual_stream.defvjp(_residual_stream_fwd, _residual_stream_bwd)
 
 
 def _dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:

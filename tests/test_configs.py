@@ -7,7 +7,8 @@ import ml_collections
 from ml_collections import config_flags
 import pytest
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
+
 
 PRESETS = {
     'digits.py': [None, 'permuted', 'debug', 'permuted,debug,seed=3'],
@@ -24,14 +25,14 @@ PRESETS = {
 
 
 def _load(name, arg):
-  path = os.path.join(_ROOT, 'configs', name)
+  path = os.path.join(helpers.ROOT, 'configs', name)
   module = config_flags.config_flags._LoadConfigModule(name, path)  # pylint: disable=protected-access
   return module.get_config(arg)
 
 
 def test_every_config_file_is_listed():
   files = {os.path.basename(p) for p in glob.glob(
-      os.path.join(_ROOT, 'configs', '*.py'))}
+      os.path.join(helpers.ROOT, 'configs', '*.py'))}
   assert files - {'__init__.py', 'common.py'} == set(PRESETS)
 
 

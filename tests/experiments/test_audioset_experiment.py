@@ -27,6 +27,7 @@ from perceiver_jax.training import jaxline_compat
 from perceiver_jax.training import multilabel_metrics
 from perceiver_jax.training import parallel
 from scripts import prepare_audioset
+from tests import helpers
 from tests import test_configs
 
 pytest.importorskip('av')  # Preparing the fixture decodes clips with PyAV.
@@ -65,16 +66,6 @@ def _config(data_dir, checkpoint_dir, preset, steps=2):
   config.log_train_data_interval = 1
   config.experiment_kwargs.config.data.data_dir = data_dir
   return config
-
-
-class _Recorder:
-  """A jaxline writer that keeps the scalars it is given."""
-
-  def __init__(self):
-    self.scalars = []
-
-  def write_scalars(self, step, scalars):
-    self.scalars.append((int(step), dict(scalars)))
 
 
 def _window(inputs, index):
@@ -169,7 +160,7 @@ def test_paper_presets_have_paper_byte_arrays(preset, byte_array):
     pytest.param('modality=audio_video', marks=pytest.mark.slow)])
 def test_train_checkpoint_and_evaluate(audioset_tfrecords, tmp_path, preset):
   config = _config(audioset_tfrecords, tmp_path, preset)
-  writer = _Recorder()
+  writer = helpers.ScalarRecorder()
   jaxline.train.train(multilabel.MultiLabelExperiment, config,
                       checkpointing.make_checkpointer(config, 'train'),
                       writer=writer)

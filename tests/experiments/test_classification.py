@@ -16,11 +16,10 @@ import experiments
 from perceiver_jax.training import checkpointing
 from perceiver_jax.training import jaxline_compat
 from perceiver_jax.training import parallel
+from tests import helpers
 from tests import test_configs
 
 jaxline = jaxline_compat.import_jaxline()
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
 
 
 def _config(tmp_path, steps=4, arg='debug'):
@@ -97,7 +96,7 @@ def test_evaluating_a_checkpoint_matches_training_eval(tmp_path):
   # The same metrics from a live experiment restored by the checkpointer.
   eval_config = _config(tmp_path, steps=4)
   eval_config.one_off_evaluate = True
-  writer = _Recorder()
+  writer = helpers.ScalarRecorder()
   jaxline.train.evaluate(classification.ClassificationExperiment, eval_config,
                          checkpointing.make_checkpointer(eval_config, 'eval'),
                          writer, 'eval')
@@ -105,15 +104,6 @@ def test_evaluating_a_checkpoint_matches_training_eval(tmp_path):
   assert step == 4
   for key in ('top_1_acc', 'loss', 'num_examples'):
     assert abs(float(logged[key]) - from_checkpoint[key]) < 1e-6, key
-
-
-class _Recorder:
-
-  def __init__(self):
-    self.scalars = []
-
-  def write_scalars(self, step, scalars):
-    self.scalars.append((int(step), dict(scalars)))
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
@@ -139,11 +129,11 @@ def _run_train(tmp_path, *flags, **popen_kwargs):
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=2')
   return subprocess.Popen(
-      [sys.executable, os.path.join(_ROOT, 'scripts', 'train.py'),
-       '--config=' + os.path.join(_ROOT, 'configs', 'digits.py') + ':debug',
-       f'--config.checkpoint_dir={tmp_path}', *flags],
-      env=env, cwd=_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True, **popen_kwargs)
+      [sys.executable, os.path.join(helpers.ROOT, 'scripts', 'train.py'),
+       '--config=' + os.path.join(helpers.ROOT, 'configs', 'digits.py') +
+       ':debug', f'--config.checkpoint_dir={tmp_path}', *flags],
+      env=env, cwd=helpers.ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True, **popen_kwargs)
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from perceiver_jax.data import imagenet as imagenet_data
 from perceiver_jax.modules import preprocessors
 from perceiver_jax.training import checkpointing
 from perceiver_jax.training import jaxline_compat
+from tests import helpers
 from tests import test_configs
 from tests.data import ilsvrc_fixture
 
@@ -34,8 +35,6 @@ jaxline = jaxline_compat.import_jaxline()
 imagenet_fixture = ilsvrc_fixture.imagenet_fixture
 _load_config = test_configs._load  # pylint: disable=protected-access
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
 # Eval batch 16 = 8 devices x 2 does not divide the 10 validation images:
 # one batch, 6 of its rows masked padding.
 _EVAL_BATCH = 16
@@ -131,8 +130,8 @@ def test_new_data_fields_override_from_the_command_line():
   prefix = '--config.experiment_kwargs.config.data.'
   argv = [
       'train.py',
-      '--config=' + os.path.join(_ROOT, 'configs', 'imagenet_permuted.py')
-      + ':pos=learned,debug',
+      '--config=' + os.path.join(helpers.ROOT, 'configs',
+                                 'imagenet_permuted.py') + ':pos=learned,debug',
       prefix + 'tfds_version=5.0.0', prefix + 'eval_crop_fraction=0.9',
       prefix + 'threadpool_size=4', prefix + 'randaugment_magnitude=7']
   flag_values = flags.FlagValues()
@@ -168,7 +167,7 @@ def _digest(perm):
 
 def _permutation_digests(role):
   return subprocess.Popen(
-      [sys.executable, '-c', _PRINT_PERMUTATIONS, role], cwd=_ROOT,
+      [sys.executable, '-c', _PRINT_PERMUTATIONS, role], cwd=helpers.ROOT,
       env=dict(os.environ, JAX_PLATFORMS='cpu'), stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True)
 

@@ -18,6 +18,7 @@ from perceiver_jax.data import modelnet40
 from perceiver_jax.training import checkpointing
 from perceiver_jax.training import jaxline_compat
 from scripts import prepare_modelnet40
+from tests import helpers
 from tests import test_configs
 
 jaxline = jaxline_compat.import_jaxline()
@@ -52,16 +53,6 @@ def _train(config):
   checkpointer = checkpointing.make_checkpointer(config, 'train')
   jaxline.train.train(classification.ClassificationExperiment, config,
                       checkpointer, writer=None)
-
-
-class _Recorder:
-  """A jaxline writer that keeps what it is given."""
-
-  def __init__(self):
-    self.scalars = []
-
-  def write_scalars(self, step, scalars):
-    self.scalars.append((int(step), dict(scalars)))
 
 
 @pytest.fixture(scope='module')
@@ -188,7 +179,7 @@ def test_jaxline_eval_writes_class_metrics(h5_run):
   """jaxline's own evaluate() loop logs the per-class scalars."""
   config = _config(h5_run)
   config.one_off_evaluate = True
-  writer = _Recorder()
+  writer = helpers.ScalarRecorder()
   jaxline.train.evaluate(classification.ClassificationExperiment, config,
                          checkpointing.make_checkpointer(config, 'eval'),
                          writer, 'eval')

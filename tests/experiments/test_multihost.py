@@ -1,33 +1,25 @@
 """Two processes on 127.0.0.1 (jax.distributed, gloo) train as one."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+from tests import helpers
 
 
 @pytest.mark.slow
 def test_two_processes_share_gradients_and_read_different_shards(tmp_path):
-  port = _free_port()
+  port = helpers.free_port()
   worker = os.path.join(os.path.dirname(__file__), 'multihost_worker.py')
-  env = dict(os.environ, PYTHONPATH=_ROOT)
+  env = dict(os.environ, PYTHONPATH=helpers.ROOT)
   env.pop('XLA_FLAGS', None)
   procs = [subprocess.Popen(
       [sys.executable, worker, str(port), '2', str(i), str(tmp_path)],
-      env=env, cwd=_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for i in range(2)]
+      env=env, cwd=helpers.ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -17,10 +16,9 @@ import pytest
 
 from perceiver_jax.training import checkpointing
 from perceiver_jax.training import jaxline_compat
+from tests import helpers
 
 jaxline = jaxline_compat.import_jaxline()
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -384,22 +382,16 @@ def test_sigterm_sets_the_stop_flag_and_the_process_survives():
   assert not checkpointing.stop_requested()  # The global one is separate.
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_one_writer_both_resume(tmp_path):
   """jax.distributed on 127.0.0.1: process 0 writes, both restore."""
-  env = dict(os.environ, PYTHONPATH=_ROOT, JAX_PLATFORMS='cpu',
+  env = dict(os.environ, PYTHONPATH=helpers.ROOT, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=2')
   for steps in (3, 5):
-    port = _free_port()
+    port = helpers.free_port()
     procs = [subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), str(port), str(i),
-         str(tmp_path), str(steps)], env=env, cwd=_ROOT,
+         str(tmp_path), str(steps)], env=env, cwd=helpers.ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]

@@ -1,0 +1,24 @@
+"""Helpers shared by several test modules."""
+
+import os
+import socket
+
+# The repository root (scripts, configs; PYTHONPATH for subprocesses).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that is free now (for jax.distributed)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+class ScalarRecorder:
+  """A jaxline writer that keeps the (step, scalars) it is given."""
+
+  def __init__(self):
+    self.scalars = []
+
+  def write_scalars(self, step, scalars):
+    self.scalars.append((int(step), dict(scalars)))

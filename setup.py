@@ -33,6 +33,9 @@ setuptools.setup(
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'scikit-image>=0.22',
                  'av>=12.0'],
         'audio': ['av>=12.0'],
+        # scripts/benchmark.py --compare=hf. From PyPI torch brings CUDA
+        # packages; its CPU wheel: --index-url https://download.pytorch.org/whl/cpu
+        'compare': ['torch>=2.1', 'transformers>=4.40'],
     },
     entry_points={
         'console_scripts': [

@@ -119,10 +119,14 @@ def make_step(experiment_config: ml_collections.ConfigDict, mode: str,
           (params, optimizer.init(params), inputs, labels, rng))
 
 
-def benchmark(experiment_config: ml_collections.ConfigDict, *, mode: str,
-              batch_size: int, steps: int = 10,
-              peak: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-  """Times one configuration; returns the JSON-ready measurements."""
+def compile_step(experiment_config: ml_collections.ConfigDict, mode: str,
+                 batch_size: int) -> tuple[Callable[[], Any], dict[str, Any]]:
+  """Compiles the config's step; returns (run, measurements before running).
+
+  `run()` runs one step (a train step carries its parameters and optimizer
+  state to the next call); the measurements are compile_s, flops_per_step
+  and the memory of `device_memory`.
+  """
   if mode not in ('train', 'forward'):
     raise ValueError(f"mode must be 'train' or 'forward', got {mode!r}.")
   gc.collect()
@@ -131,8 +135,8 @@ def benchmark(experiment_config: ml_collections.ConfigDict, *, mode: str,
   start = time.perf_counter()
   compiled = step.lower(*args).compile()
   compile_s = time.perf_counter() - start
-  memory = device_memory(compiled)
-
+  info = dict(compile_s=compile_s, flops_per_step=step_flops,
+              **device_memory(compiled))
   state = list(args)
   if mode == 'train':
     def run():
@@ -141,19 +145,79 @@ def benchmark(experiment_config: ml_collections.ConfigDict, *, mode: str,
   else:
     def run():
       return compiled(*state)
-  times = time_calls(run, warmup=2, steps=steps)
-  result = summarize_times(times)
-  median = result['median_s']
-  result.update(
-      mode=mode, batch_size=batch_size, compile_s=compile_s,
-      examples_per_s=batch_size / median, flops_per_step=step_flops,
-      achieved_flops=step_flops / median, **memory,
-      process_peak_rss_bytes=process_peak_rss_bytes())
-  if peak is not None:
-    result.update(peak)
-    result['mfu'] = result['achieved_flops'] / peak['peak_flops']
+  return run, info
+
+
+def benchmark(experiment_config: ml_collections.ConfigDict, *, mode: str,
+              batch_size: int, steps: int = 10,
+              peak: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+  """Times one configuration; returns the JSON-ready measurements."""
+  run, info = compile_step(experiment_config, mode, batch_size)
+  result = summarize_times(time_calls(run, warmup=2, steps=steps))
+  result.update(mode=mode, batch_size=batch_size, **info)
+  result.update(_rates(result['median_s'], batch_size, info['flops_per_step'],
+                       peak))
+  result['process_peak_rss_bytes'] = process_peak_rss_bytes()
   result['backend'] = jax.default_backend()
   result['device'] = jax.local_devices()[0].device_kind
+  return result
+
+
+def _rates(median_s: float, batch_size: int, flops_per_step: Optional[float],
+           peak: Optional[dict[str, Any]]) -> dict[str, Any]:
+  """examples/s, achieved FLOP/s and MFU of a step taking `median_s`."""
+  out = {'examples_per_s': batch_size / median_s}
+  if flops_per_step is not None:
+    out['achieved_flops'] = flops_per_step / median_s
+    if peak is not None:
+      out.update(peak)
+      out['mfu'] = out['achieved_flops'] / peak['peak_flops']
+  return out
+
+
+def time_alternating(fns: dict[str, Callable[[], Any]], *, warmup: int = 2,
+                     steps: int = 10) -> dict[str, list[float]]:
+  """Seconds per call of each function, the functions taking turns call by
+  call (after `warmup` calls each), so that drifts of the machine's speed
+  reach them all alike. `fn()` may return a JAX or torch value; JAX values
+  are waited for."""
+  times = {name: [] for name in fns}
+  for i in range(warmup + steps):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      if i >= warmup:
+        times[name].append(time.perf_counter() - start)
+  return times
+
+
+def compare(runs: dict[str, tuple[Callable[[], Any], dict[str, Any]]], *,
+            mode: str, batch_size: int, steps: int = 10,
+            peak: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+  """Times several implementations of one step, taking turns call by call.
+
+  Args:
+    runs: name -> (run, info), `info` as from `compile_step` (FLOPs and
+      memory where known). The first entry is ours: the result holds
+      `<first>_over_<name>`, its median time over each other's.
+
+  Returns:
+    JSON-ready: per name the timing summary, info and rates; the ratios.
+  """
+  times = time_alternating({k: run for k, (run, _) in runs.items()},
+                           steps=steps)
+  result = {'mode': mode, 'batch_size': batch_size}
+  for name, (_, info) in runs.items():
+    entry = summarize_times(times[name])
+    entry.update(info)
+    entry.update(_rates(entry['median_s'], batch_size,
+                        info.get('flops_per_step'), peak))
+    result[name] = entry
+  first, *others = runs
+  for name in others:
+    result[f'{first}_over_{name}'] = (result[first]['median_s'] /
+                                      result[name]['median_s'])
+  result['process_peak_rss_bytes'] = process_peak_rss_bytes()
   return result
 
 

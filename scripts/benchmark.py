@@ -7,6 +7,8 @@ r"""Benchmarks a config's training or forward step; prints one JSON line.
       --sweep-inputs=32,64,128,256          # one JSON line per image size
   python scripts/benchmark.py --config=configs/imagenet.py:bench_a \
       --cross_attention=direct              # the unreformulated model
+  python scripts/benchmark.py --config=configs/imagenet.py:bench_a \
+      --compare=hf                          # vs HuggingFace's PyTorch model
 
 Reports the median step time and its spread over --steps timed steps after
 warm-up, examples/sec, compile time, FLOPs per step (2 per multiply-add,
@@ -15,8 +17,16 @@ achieved FLOP/s, MFU against the matmul peak measured in the same run, and
 memory: XLA's buffer plan of the compiled step (exact), device peak where
 available, and the process's peak RSS. Each point of an input sweep runs in a
 fresh process so its RSS is its own.
+
+--compare=hf (needs `pip install -e '.[compare]'`) builds HuggingFace's
+PerceiverForImageClassificationFourier at the config's sizes
+(perceiver_jax/hf_reference.py says what differs) and times its forward and
+training steps against ours, the two taking turns step by step; it prints one
+JSON line per mode with `ours_over_hf`, our median step time over HF's. HF's
+MFU counts the FLOPs of our model in the direct formulation, the one HF runs.
 """
 
+import copy
 import json
 import os
 import subprocess
@@ -27,6 +37,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from perceiver_jax import benchmarking
+from perceiver_jax import flops as flops_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'forward'], 'Step.')
@@ -45,6 +56,9 @@ _CHUNK = flags.DEFINE_integer(
     'chunk_size', None, 'Override the cross-attention chunk size (0: off).')
 _PRECISION = flags.DEFINE_enum('precision', None, ['float32', 'bfloat16'],
                                'Override the compute precision.')
+_COMPARE = flags.DEFINE_enum(
+    'compare', None, ['hf'], 'Also time this implementation, taking turns '
+    'with ours, in both modes (--mode is ignored).')
 
 
 def _apply_overrides(exp) -> None:
@@ -80,6 +94,35 @@ def _sweep(argv) -> None:
         flush=True)
 
 
+def _compare_hf(exp, batch_size: int, peak) -> None:
+  """Ours against HF's PyTorch Perceiver, forward then train: JSON lines."""
+  from perceiver_jax import hf_reference  # pylint: disable=g-import-not-at-top
+  if exp.training.precision != 'float32':
+    raise ValueError('--compare=hf runs float32 only.')
+  direct = copy.deepcopy(exp)
+  with direct.unlocked():
+    direct.model.encoder.cross_attention = 'direct'
+    direct.model.encoder.cross_attention_chunk_size = None
+  for mode in ('forward', 'train'):
+    step, args = benchmarking.make_step(direct, mode, batch_size)
+    hf_info = {'flops_per_step': flops_lib.count_flops(step, *args),
+               'flops_counted_as': 'ours, direct formulation'}
+    del step, args
+    runs = {'ours': benchmarking.compile_step(exp, mode, batch_size),
+            'hf': (hf_reference.make_step(exp, mode, batch_size), hf_info)}
+    result = benchmarking.compare(runs, mode=mode, batch_size=batch_size,
+                                  steps=_STEPS.value, peak=peak)
+    result['config'] = _config_arg()
+    result['torch_threads'] = hf_reference.num_threads()
+    print(json.dumps(result), flush=True)
+    del runs
+
+
+def _config_arg() -> str:
+  return next(
+      (a.split('=', 1)[1] for a in sys.argv if a.startswith('--config=')), '')
+
+
 def main(argv):
   if _SWEEP.value:
     _sweep(sys.argv)
@@ -90,11 +133,14 @@ def main(argv):
   from perceiver_jax.modules import perceiver  # pylint: disable=g-import-not-at-top
   precision.apply_policy(exp.training.precision, [perceiver.Perceiver])
   peak = benchmarking.peak_flops()
+  batch_size = _BATCH.value or exp.training.batch_size
+  if _COMPARE.value == 'hf':
+    _compare_hf(exp, batch_size, peak)
+    return
   result = benchmarking.benchmark(
-      exp, mode=_MODE.value, batch_size=_BATCH.value or exp.training.batch_size,
-      steps=_STEPS.value, peak=peak)
-  result['config'] = next(
-      (a.split('=', 1)[1] for a in sys.argv if a.startswith('--config=')), '')
+      exp, mode=_MODE.value, batch_size=batch_size, steps=_STEPS.value,
+      peak=peak)
+  result['config'] = _config_arg()
   result['precision'] = exp.training.precision
   result['cross_attention'] = exp.model.encoder.get('cross_attention', 'auto')
   print(json.dumps(result), flush=True)

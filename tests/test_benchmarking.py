@@ -1,9 +1,13 @@
 """The benchmark's measurements on a tiny config (values, not speed)."""
 
+import time
+
 import pytest
 
 from configs import digits
+from configs import imagenet
 from perceiver_jax import benchmarking
+from perceiver_jax import hf_reference
 
 
 @pytest.mark.parametrize('mode', ['forward', 'train'])
@@ -35,3 +39,45 @@ def test_growth_recovers_linear_slopes():
   assert slopes['median_s_per_input'] == pytest.approx(1e-6)
   assert slopes['process_peak_rss_bytes_per_input'] == pytest.approx(300)
   assert 'xla_temp_bytes_per_input' not in slopes
+
+
+def test_compare_alternates_and_reports_ratios():
+  calls = []
+
+  def fake(name, seconds):
+    def run():
+      calls.append(name)
+      time.sleep(seconds)
+      return 0
+    return run
+
+  result = benchmarking.compare(
+      {'ours': (fake('ours', 0.01), {'flops_per_step': 1e9}),
+       'hf': (fake('hf', 0.02), {})},
+      mode='train', batch_size=4, steps=3,
+      peak={'peak_flops': 1e12, 'peak_matmul': 'given'})
+  assert calls == ['ours', 'hf'] * 5  # 2 warm-up + 3 timed turns.
+  assert result['ours']['num_timed_steps'] == result['hf']['num_timed_steps'] == 3
+  assert result['ours_over_hf'] == pytest.approx(
+      result['ours']['median_s'] / result['hf']['median_s'])
+  assert 0.2 < result['ours_over_hf'] < 0.9
+  assert result['ours']['mfu'] == pytest.approx(
+      1e9 / result['ours']['median_s'] / 1e12)
+  assert 'mfu' not in result['hf']  # No FLOP count given.
+
+
+def test_hf_reference_reads_benchmark_sizes():
+  config = imagenet.get_config('bench_a').experiment_kwargs.config
+  sizes = hf_reference._image_sizes(config)  # pylint: disable=protected-access
+  assert sizes['input_channels'] == 133  # 3 + 2 x (2 x 32 + 1).
+  assert sizes['cross_qk_channels'] == 133  # P1: the input's width.
+  assert (sizes['num_latents'], sizes['latent_dim']) == (128, 256)
+  assert sizes['max_resolution'] == (64, 64)
+
+
+@pytest.mark.parametrize('preset, problem', [
+    ('', '1 cross-attend'), ('one_cross,p2', 'a classification decoder')])
+def test_hf_reference_refuses_what_hf_cannot_express(preset, problem):
+  config = imagenet.get_config(preset).experiment_kwargs.config
+  with pytest.raises(ValueError, match=problem):
+    hf_reference._image_sizes(config)  # pylint: disable=protected-access

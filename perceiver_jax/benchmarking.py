@@ -7,6 +7,7 @@ actually runs, forward and backward), and the peak is the best rate of a
 large matmul (float32 on CPU, bfloat16 on accelerators).
 """
 
+import functools
 import gc
 import resource
 import statistics
@@ -100,7 +101,10 @@ def make_step(experiment_config: ml_collections.ConfigDict, mode: str,
     inputs = make_input(shape, rng)
   num_classes = experiment_config.data.num_classes
   labels = jax.random.randint(rng, (batch_size,), 0, num_classes)
-  params = forward.init(rng, inputs, is_training=mode == 'train')
+  # Jitted: run eagerly, init would hold every activation of a forward pass
+  # and its peak would stand in for the step's in the process RSS.
+  params = jax.jit(functools.partial(forward.init, is_training=mode == 'train')
+                   )(rng, inputs)
   if mode == 'forward':
     fn = jax.jit(lambda p, x: forward.apply(p, None, x, is_training=False))
     return fn, (params, inputs)

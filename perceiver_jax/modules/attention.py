@@ -127,6 +127,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if mask is None and jax.default_backend() == 'gpu':
     # cuDNN flash attention where the shapes and dtype allow it.
     return jax.nn.dot_product_attention(q, k, v, scale=scale)
+  if heads == 1:  # Without the head axis: no transposes, no size-1 axes
+    # (XLA:CPU reduces slowly over those).
+    mask = None if mask is None else mask[:, 0]  # [B, N|1, M]
+    return _attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], mask, scale)[:, :, None]
   # Head-first batched matmuls: faster than [B, N, H, K] einsums on CPU.
   out = _attend(jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2),
                 jnp.swapaxes(v, 1, 2), mask, scale)  # [B, H, N, V]
@@ -134,7 +138,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def _softmax_weights(q, k, mask):
-  """float32 softmax(q k^T) [B, H, N, M]; rows with no key give 0."""
+  """float32 softmax(q k^T) [..., N, M]; rows with no key give 0."""
   logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2)).astype(jnp.float32)
   if mask is None:
     return jax.nn.softmax(logits, axis=-1)
@@ -146,13 +150,14 @@ def _softmax_weights(q, k, mask):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attend(q, k, v, mask, scale):
-  """softmax(q k^T scale) v for head-first q [B, H, N, K], k [B, H, M, K],
-  v [B, H, M, V] and a mask broadcastable to [B, H, N, M] (or None).
+  """softmax(q k^T scale) v for q [..., N, K], k [..., M, K], v [..., M, V]
+  and a mask broadcastable to [..., N, M] (or None); the leading axes are
+  [B, H] (head-first) or [B] (one head).
 
   The scale is applied to q (N x K numbers, not N x M logits). The backward
   pass takes the softmax's row sums sum_m(dP * P) as sum_v(dO * O), over V
   channels instead of M keys (as FlashAttention does): the same number,
-  without a reduction over the [B, H, N, M] array.
+  without a reduction over the [..., N, M] array.
   """
   weights = _softmax_weights(q * scale, k, mask)
   return jnp.matmul(weights.astype(v.dtype), v)
@@ -175,8 +180,8 @@ def _attend_bwd(scale, residuals, g):
       jnp.swapaxes(weights, -1, -2).astype(g.dtype), g)
   dweights = jnp.matmul(g, jnp.swapaxes(v, -1, -2)).astype(jnp.float32)
   row_sums = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32),
-                     axis=-1, keepdims=True)  # [B, H, N, 1]
-  dlogits = (weights * (dweights - row_sums)).astype(g.dtype)  # [B, H, N, M]
+                     axis=-1, keepdims=True)  # [..., N, 1]
+  dlogits = (weights * (dweights - row_sums)).astype(g.dtype)  # [..., N, M]
   dq = None if k_for_dq is None else jnp.matmul(dlogits, k_for_dq) * scale
   dk = None if scaled_q_for_dk is None else jnp.matmul(
       jnp.swapaxes(dlogits, -1, -2), scaled_q_for_dk)
@@ -192,21 +197,33 @@ def _chunked_attention(q, k, v, mask, scale, chunk_size):
   Chunks are sliced out of k, v (and the mask) inside the loop, never copied
   into a chunked layout, so the only [B, M, ...] arrays are the inputs.
   """
-  batch, n, heads, _ = q.shape
   m = k.shape[1]
-  if mask is not None:
-    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, mask.shape[2], m))
-  qh = jnp.swapaxes(q, 1, 2) * scale  # [B, H, N, K]
+  if q.shape[2] == 1:  # One head: no head axis, as in dot_product_attention.
+    qh, k, v = q[:, :, 0] * scale, k[:, :, 0], v[:, :, 0]  # [B, N|M, K|V]
+    keys_t = lambda kc: jnp.swapaxes(kc, 1, 2)  # [B, c, K] -> [B, K, c]
+    values = lambda vc: vc  # [B, c, V]
+    mask = None if mask is None else mask[:, 0]  # [B', N', M]
+  else:
+    qh = jnp.swapaxes(q, 1, 2) * scale  # [B, H, N, K]
+    keys_t = lambda kc: jnp.transpose(kc, (0, 2, 3, 1))  # -> [B, H, K, c]
+    values = lambda vc: jnp.swapaxes(vc, 1, 2)  # -> [B, H, c, V]
+  lead = qh.shape[:-1]  # [B, (H,) N]
   lowest = jnp.finfo(jnp.float32).min
 
-  # Rematerialised so the backward pass keeps only the carries per chunk,
-  # never the N x c logits of every chunk.
-  @jax.checkpoint
-  def step(carry, kc, vc, mc):
-    """kc [B, c, H, K], vc [B, c, H, V], mc [B', 1, N', c] or None."""
-    running_max, denom, acc = carry  # [B, H, N], [B, H, N], [B, H, N, V]
-    logits = jnp.matmul(qh, jnp.transpose(kc, (0, 2, 3, 1))).astype(
-        jnp.float32)  # [B, H, N, c]
+  def chunk(start, size):
+    mc = None if mask is None else jax.lax.dynamic_slice_in_dim(
+        mask, start, size, axis=-1)
+    return (jax.lax.dynamic_slice_in_dim(k, start, size, axis=1),
+            jax.lax.dynamic_slice_in_dim(v, start, size, axis=1), mc)
+
+  # Rematerialised, slicing included, so the backward pass keeps only the
+  # carries and start of each chunk: neither the N x c logits of every chunk
+  # nor the slices of k and v (which would be a copy of all of them).
+  @functools.partial(jax.checkpoint, static_argnums=(2,))
+  def step(carry, start, size):
+    kc, vc, mc = chunk(start, size)  # [B, c, (H,) K|V], [B', (1,) N', c]
+    running_max, denom, acc = carry  # [*lead], [*lead], [*lead, V]
+    logits = jnp.matmul(qh, keys_t(kc)).astype(jnp.float32)  # [*lead, c]
     if mc is not None:
       logits = jnp.where(mc, logits, lowest)
     new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
@@ -216,28 +233,23 @@ def _chunked_attention(q, k, v, mask, scale, chunk_size):
     correction = jnp.exp(running_max - new_max)
     denom = denom * correction + jnp.sum(p, axis=-1)
     acc = acc * correction[..., None] + jnp.matmul(
-        p.astype(vc.dtype), jnp.swapaxes(vc, 1, 2)).astype(jnp.float32)
+        p.astype(vc.dtype), values(vc)).astype(jnp.float32)
     return new_max, denom, acc
 
-  def chunk(start, size):
-    mc = None if mask is None else jax.lax.dynamic_slice_in_dim(
-        mask, start, size, axis=3)
-    return (jax.lax.dynamic_slice_in_dim(k, start, size, axis=1),
-            jax.lax.dynamic_slice_in_dim(v, start, size, axis=1), mc)
-
-  carry = (jnp.full((batch, heads, n), lowest, jnp.float32),
-           jnp.zeros((batch, heads, n), jnp.float32),
-           jnp.zeros((batch, heads, n, v.shape[-1]), jnp.float32))
+  carry = (jnp.full(lead, lowest, jnp.float32),
+           jnp.zeros(lead, jnp.float32),
+           jnp.zeros(lead + (v.shape[-1],), jnp.float32))
   num_full = m // chunk_size
   carry, _ = jax.lax.scan(
-      lambda c, i: (step(c, *chunk(i * chunk_size, chunk_size)), None),
+      lambda c, i: (step(c, i * chunk_size, chunk_size), None),
       carry, jnp.arange(num_full))
   if m % chunk_size:  # The last, shorter chunk.
-    carry = step(carry, *chunk(num_full * chunk_size, m % chunk_size))
+    carry = step(carry, num_full * chunk_size, m % chunk_size)
   _, denom, acc = carry
   out = jnp.where(denom[..., None] > 0,
                   acc / jnp.maximum(denom, 1e-30)[..., None], 0.0)
-  return jnp.swapaxes(out, 1, 2).astype(v.dtype)  # [B, N, H, V]
+  out = out[:, :, None] if len(lead) == 2 else jnp.swapaxes(out, 1, 2)
+  return out.astype(v.dtype)  # [B, N, H, V]
 
 
 def formulation_costs(*, num_queries: int, num_inputs: int,

@@ -59,6 +59,22 @@ def peak_flops(size: Optional[int] = None, steps: int = 10) -> dict[str, Any]:
           'peak_matmul': f'{size}x{size} {jnp.dtype(dtype).name}'}
 
 
+def best_peak(*peaks: dict[str, Any]) -> dict[str, Any]:
+  """The best of several `peak_flops` measurements (taken before and after
+  the timed steps: the machine's speed drifts, and the best is the bound)."""
+  best = max(peaks, key=lambda p: p['peak_flops'])
+  return {**best, 'peak_flops_measured': [p['peak_flops'] for p in peaks]}
+
+
+def add_mfu(result: dict[str, Any], peak: dict[str, Any]) -> None:
+  """Adds the peak and MFU to a `benchmark` result, or to each entry of a
+  `compare` result, that has an achieved FLOP rate."""
+  for record in [result] + [v for v in result.values() if isinstance(v, dict)]:
+    if 'achieved_flops' in record:
+      record.update(peak)
+      record['mfu'] = record['achieved_flops'] / peak['peak_flops']
+
+
 def process_peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

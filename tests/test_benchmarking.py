@@ -81,3 +81,15 @@ def test_hf_reference_refuses_what_hf_cannot_express(preset, problem):
   config = imagenet.get_config(preset).experiment_kwargs.config
   with pytest.raises(ValueError, match=problem):
     hf_reference._image_sizes(config)  # pylint: disable=protected-access
+
+
+def test_mfu_uses_the_best_peak_of_before_and_after():
+  peak = benchmarking.best_peak({'peak_flops': 1e11, 'peak_matmul': 'm'},
+                                {'peak_flops': 2e11, 'peak_matmul': 'm'})
+  assert peak['peak_flops'] == 2e11
+  assert peak['peak_flops_measured'] == [1e11, 2e11]
+  result = {'achieved_flops': 5e10,
+            'ours': {'achieved_flops': 1e11}, 'hf': {'median_s': 1.0}}
+  benchmarking.add_mfu(result, peak)
+  assert result['mfu'] == 0.25 and result['ours']['mfu'] == 0.5
+  assert 'mfu' not in result['hf']

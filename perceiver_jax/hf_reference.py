@@ -9,12 +9,12 @@ then overrides what that class fixes: its input preprocessor (64 bands,
 224-pixel max resolution) is rebuilt with the config's bands and resolution,
 and its cross-attention with the config's key/value width (P1: the input's
 channel count; HF's default would be the latent width). What stays HF's own:
-the decoder (one learned query cross-attending to the latents, where ours
-averages the latents: 2 x 256 x 1000 more multiply-adds per example), the
-LayerNorm epsilon (1e-12) and the attention-probability dropout (set to 0 to
-match ours). The training step uses torch's AdamW: torch has no LAMB, whose
-extra per-parameter passes count against ours. torch's OpenMP threads are
-made to sleep, not spin, between steps (OMP_WAIT_POLICY=PASSIVE, unless set).
+the decoder (a cross-attend block of one learned query over the latents,
+where ours averages them: a small extra cost, on HF's side) and the
+LayerNorm epsilon (1e-12); its attention dropout is set to 0, as ours. The
+training step uses torch's AdamW: torch has no LAMB, whose extra
+per-parameter passes count against ours. torch's OpenMP threads are made to
+sleep, not spin, between steps (OMP_WAIT_POLICY=PASSIVE, unless set).
 """
 
 import os

@@ -353,7 +353,11 @@ def restore_checkpoint(path: PathLike) -> dict[str, Any]:
     if not steps:
       raise FileNotFoundError(f'No complete checkpoint in {series}.')
     step_dir = series / str(steps[-1])
-  result = _read_step(step_dir, _reader())
+  reader = _reader()
+  try:
+    result = _read_step(step_dir, reader)
+  finally:
+    reader.close()  # Its asyncio machinery, not left to the collector.
   result['train_step_rng'] = _wrap_rng(result['train_step_rng'],
                                        result.pop('_meta'))
   return result

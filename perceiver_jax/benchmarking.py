@@ -29,14 +29,7 @@ from perceiver_jax.training import optimizers
 def time_calls(fn: Callable[[], Any], *, warmup: int = 2, steps: int = 10
                ) -> list[float]:
   """Seconds per call of `fn` (blocking on its result), after warm-up."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return times
+  return time_alternating({'fn': fn}, warmup=warmup, steps=steps)['fn']
 
 
 def summarize_times(times: list[float]) -> dict[str, float]:
@@ -175,23 +168,21 @@ def benchmark(experiment_config: ml_collections.ConfigDict, *, mode: str,
   run, info = compile_step(experiment_config, mode, batch_size)
   result = summarize_times(time_calls(run, warmup=2, steps=steps))
   result.update(mode=mode, batch_size=batch_size, **info)
-  result.update(_rates(result['median_s'], batch_size, info['flops_per_step'],
-                       peak))
+  result.update(_rates(result['median_s'], batch_size, info['flops_per_step']))
+  if peak is not None:
+    add_mfu(result, peak)
   result['process_peak_rss_bytes'] = process_peak_rss_bytes()
   result['backend'] = jax.default_backend()
   result['device'] = jax.local_devices()[0].device_kind
   return result
 
 
-def _rates(median_s: float, batch_size: int, flops_per_step: Optional[float],
-           peak: Optional[dict[str, Any]]) -> dict[str, Any]:
-  """examples/s, achieved FLOP/s and MFU of a step taking `median_s`."""
+def _rates(median_s: float, batch_size: int,
+           flops_per_step: Optional[float]) -> dict[str, float]:
+  """examples/s and achieved FLOP/s of a step taking `median_s`."""
   out = {'examples_per_s': batch_size / median_s}
   if flops_per_step is not None:
     out['achieved_flops'] = flops_per_step / median_s
-    if peak is not None:
-      out.update(peak)
-      out['mfu'] = out['achieved_flops'] / peak['peak_flops']
   return out
 
 
@@ -231,12 +222,14 @@ def compare(runs: dict[str, tuple[Callable[[], Any], dict[str, Any]]], *,
     entry = summarize_times(times[name])
     entry.update(info)
     entry.update(_rates(entry['median_s'], batch_size,
-                        info.get('flops_per_step'), peak))
+                        info.get('flops_per_step')))
     result[name] = entry
   first, *others = runs
   for name in others:
     result[f'{first}_over_{name}'] = (result[first]['median_s'] /
                                       result[name]['median_s'])
+  if peak is not None:
+    add_mfu(result, peak)
   result['process_peak_rss_bytes'] = process_peak_rss_bytes()
   return result
 

@@ -72,6 +72,12 @@ def process_peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def minor_page_faults() -> int:
+  """Page faults of this process so far that needed no disk I/O: mostly
+  first touches of freshly mapped memory (see host_memory)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def device_memory(compiled) -> dict[str, int]:
   """XLA's buffer plan of a compiled step, and device stats if available."""
   out = {}
@@ -166,7 +172,10 @@ def benchmark(experiment_config: ml_collections.ConfigDict, *, mode: str,
               peak: Optional[dict[str, Any]] = None) -> dict[str, Any]:
   """Times one configuration; returns the JSON-ready measurements."""
   run, info = compile_step(experiment_config, mode, batch_size)
-  result = summarize_times(time_calls(run, warmup=2, steps=steps))
+  time_calls(run, warmup=2, steps=0)
+  faults = minor_page_faults()
+  result = summarize_times(time_calls(run, warmup=0, steps=steps))
+  result['page_faults_per_step'] = (minor_page_faults() - faults) / steps
   result.update(mode=mode, batch_size=batch_size, **info)
   result.update(_rates(result['median_s'], batch_size, info['flops_per_step']))
   if peak is not None:

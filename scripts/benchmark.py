@@ -33,6 +33,13 @@ import os
 import subprocess
 import sys
 
+from perceiver_jax import host_memory
+
+# First of all, before the heavy imports: this may restart the process.
+if __name__ == '__main__':
+  host_memory.reexec_with_huge_pages()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -117,6 +124,7 @@ def _compare_hf(exp, batch_size: int, peaks: list[dict]) -> None:
     benchmarking.add_mfu(result, benchmarking.best_peak(*peaks))
     result['config'] = _config_arg()
     result['torch_threads'] = hf_reference.num_threads()
+    result['huge_page_malloc'] = host_memory.huge_pages_requested()
     print(json.dumps(result), flush=True)
     del runs
 
@@ -147,6 +155,7 @@ def main(argv):
   result['config'] = _config_arg()
   result['precision'] = exp.training.precision
   result['cross_attention'] = exp.model.encoder.get('cross_attention', 'auto')
+  result['huge_page_malloc'] = host_memory.huge_pages_requested()
   print(json.dumps(result), flush=True)
 
 

@@ -10,6 +10,13 @@ the training run's evaluation logs, over every example of the split.
 
 import json
 
+from perceiver_jax import host_memory
+
+# First of all, before the heavy imports: this may restart the process.
+if __name__ == '__main__':
+  host_memory.reexec_with_huge_pages()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -17,7 +24,7 @@ from ml_collections import config_flags
 from perceiver_jax.training import jaxline_compat
 
 jaxline_compat.install()
-import experiments  # pylint: disable=g-import-not-at-top,wrong-import-position
+import experiments
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Checkpoint path.')
@@ -33,6 +40,7 @@ def main(argv):
 
 def run():
   """Console-script entry point (`perceiver-evaluate`)."""
+  host_memory.reexec_with_huge_pages()
   flags.mark_flags_as_required(['config', 'checkpoint'])
   app.run(main)
 

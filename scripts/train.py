@@ -16,17 +16,24 @@ Multi-host: pass --coordinator_address=HOST:PORT --num_processes=N
 
 import sys
 
+from perceiver_jax import host_memory
+
+# First of all, before the heavy imports: this may restart the process.
+if __name__ == '__main__':
+  host_memory.reexec_with_huge_pages()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 
 from perceiver_jax.training import jaxline_compat
 
 jaxline = jaxline_compat.import_jaxline()
-from jaxline import platform  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxline import platform
 
-import experiments  # pylint: disable=g-import-not-at-top,wrong-import-position
-from perceiver_jax.training import checkpointing  # pylint: disable=g-import-not-at-top,wrong-import-position
-from perceiver_jax.training import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+import experiments
+from perceiver_jax.training import checkpointing
+from perceiver_jax.training import parallel
 
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize (auto-detects the '
@@ -65,6 +72,7 @@ def main(argv):
 
 def run():
   """Console-script entry point (`perceiver-train`)."""
+  host_memory.reexec_with_huge_pages()
   flags.mark_flag_as_required('config')
   app.run(main)
 

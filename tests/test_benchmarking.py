@@ -21,6 +21,7 @@ def test_benchmark_reports_positive_measurements(mode):
   assert result['mfu'] == pytest.approx(
       result['flops_per_step'] / result['median_s'] / 1e12)
   assert result['process_peak_rss_bytes'] > 0
+  assert result['page_faults_per_step'] >= 0
 
 
 def test_train_step_counts_backward_flops():

@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 # Must happen before JAX or TensorFlow initialise a backend.
 os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') +
@@ -17,3 +19,23 @@ def pytest_configure(config):
   flags.FLAGS.mark_as_parsed()
   config.addinivalue_line(
       'markers', 'slow: end-to-end tests that take more than ~20 s.')
+
+
+@pytest.fixture(autouse=True)
+def _close_checkpointers(monkeypatch):
+  """Closes every DiskCheckpointer a test makes (directly, by factory or in a
+  training loop): orbax's asyncio machinery would otherwise be collected in a
+  later test, after its event loop has closed (an unraisable exception)."""
+  from perceiver_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  made = []
+
+  class Recorded(checkpointing.DiskCheckpointer):
+
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      made.append(self)
+
+  monkeypatch.setattr(checkpointing, 'DiskCheckpointer', Recorded)
+  yield
+  for checkpointer in made:
+    checkpointer.close()

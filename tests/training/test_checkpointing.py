@@ -28,22 +28,6 @@ def _absl_flags():
     flags.FLAGS.mark_as_parsed()
 
 
-@pytest.fixture(autouse=True)
-def _close_checkpointers(monkeypatch):
-  """Closes every checkpointer a test makes (orbax's asyncio machinery would
-  otherwise be collected after its event loop has closed)."""
-  made = []
-  make = checkpointing.make_checkpointer
-
-  def make_and_record(*args, **kwargs):
-    made.append(make(*args, **kwargs))
-    return made[-1]
-  monkeypatch.setattr(checkpointing, 'make_checkpointer', make_and_record)
-  yield
-  for checkpointer in made:
-    checkpointer.close()
-
-
 def _config(tmp_path, **overrides) -> ml_collections.ConfigDict:
   config = base_config.get_base_config()
   config.checkpoint_dir = str(tmp_path)

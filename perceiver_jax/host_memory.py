@@ -14,9 +14,20 @@ glibc reads tunables once, when a process starts. The entry points
 (scripts/train.py, evaluate.py, benchmark.py) therefore call
 `reexec_with_huge_pages()` first: on Linux with glibc, where the kernel
 gives huge pages to those who ask (THP mode 'madvise'), it replaces the
-process with the same command under the tunable, once. A GLIBC_TUNABLES that already sets glibc.malloc.hugetlb is
-left as it is; PERCEIVER_JAX_HUGE_PAGES=0 opts out. Accelerator memory is
-not affected (it has its own allocators); host-side buffers are.
+process with the same command under the tunable, once. A GLIBC_TUNABLES
+that already sets glibc.malloc.hugetlb is left as it is;
+PERCEIVER_JAX_HUGE_PAGES=0 opts out. Accelerator memory is not affected
+(it has its own allocators); host-side buffers are.
+
+Where it hurts: huge pages that stay free for a second or two can be taken
+back by a virtual machine's host, and faulting them in again is slow. On
+this project's VMs (most likely virtio-balloon free page reporting, which
+hands free blocks of 2 MiB and up to the host), the kernel spent 1 s per
+step zeroing pages for the same number of faults that cost 0.09 s in a
+process running only our steps. A training loop reuses its freed buffers
+at the next step, well within that; a process that alternates two
+frameworks' steps does not (`benchmark.py --compare` runs without huge
+pages for this reason).
 """
 
 import os

@@ -34,8 +34,9 @@ _SPLIT = flags.DEFINE_string('split', None,
 
 def main(argv):
   del argv
-  print(json.dumps(experiments.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value,
-                                       _SPLIT.value)))
+  metrics = experiments.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value,
+                                           _SPLIT.value)
+  print(json.dumps(metrics))
 
 
 def run():

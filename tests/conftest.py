@@ -26,7 +26,8 @@ def _close_checkpointers(monkeypatch):
   """Closes every DiskCheckpointer a test makes (directly, by factory or in a
   training loop): orbax's asyncio machinery would otherwise be collected in a
   later test, after its event loop has closed (an unraisable exception)."""
-  from perceiver_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from perceiver_jax.training import checkpointing
   made = []
 
   class Recorded(checkpointing.DiskCheckpointer):

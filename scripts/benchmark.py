@@ -16,8 +16,10 @@ counted from the traced step: forward + backward + optimizer for train),
 achieved FLOP/s, MFU against the matmul peak measured in the same run (the
 best of a measurement before and one after the timed steps), and
 memory: XLA's buffer plan of the compiled step (exact), device peak where
-available, and the process's peak RSS. Each point of an input sweep runs in a
-fresh process so its RSS is its own.
+available, and the process's peak RSS; page faults per timed step. Each
+point of an input sweep runs in a fresh process so its RSS is its own. The
+script restarts itself once with huge-page malloc (perceiver_jax/host_memory;
+`huge_page_malloc` in the output says whether it ran with it).
 
 --compare=hf (needs `pip install -e '.[compare]'`) builds HuggingFace's
 PerceiverForImageClassificationFourier at the config's sizes
@@ -25,6 +27,7 @@ PerceiverForImageClassificationFourier at the config's sizes
 training steps against ours, the two taking turns step by step; it prints one
 JSON line per mode with `ours_over_hf`, our median step time over HF's. HF's
 MFU counts the FLOPs of our model in the direct formulation, the one HF runs.
+It runs without huge-page malloc, for both frameworks alike.
 """
 
 import copy
@@ -37,8 +40,8 @@ from perceiver_jax import host_memory
 
 # First of all, before the heavy imports: this may restart the process.
 # Not for --compare: the two frameworks' steps alternate, and each one's freed
-# huge pages sit idle long enough for a VM's host to reclaim them (free page
-# reporting), so every step faults them back in slowly (bench_a training:
+# huge pages sit idle long enough for a VM's host to take them back (see
+# host_memory), so every step faults them in again slowly (bench_a training:
 # ours 1.19 s per step instead of 0.86 s, HF's 1.06 s instead of 1.04 s).
 if __name__ == '__main__' and not any(
     a.startswith('--compare') for a in sys.argv[1:]):

@@ -152,10 +152,6 @@ def make_step(experiment_config: ml_collections.ConfigDict, mode: str,
   return train_step
 
 
-def num_parameters(model) -> int:
-  return sum(p.numel() for p in model.parameters())
-
-
 def num_threads() -> int:
   torch, _ = _require_torch()
   return torch.get_num_threads()

@@ -40,9 +40,14 @@ OPT_OUT = 'PERCEIVER_JAX_HUGE_PAGES'
 _THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
 
 
+def _tunable_entries(env: Mapping[str, str]) -> list[str]:
+  """GLIBC_TUNABLES as its 'name=value' entries."""
+  return [e for e in env.get('GLIBC_TUNABLES', '').split(':') if e]
+
+
 def huge_pages_requested(env: Mapping[str, str] = os.environ) -> bool:
   """Whether this environment asks malloc for transparent huge pages."""
-  return f'{TUNABLE}=1' in env.get('GLIBC_TUNABLES', '').split(':')
+  return f'{TUNABLE}=1' in _tunable_entries(env)
 
 
 def tunables_with_huge_pages(env: Mapping[str, str]) -> Optional[str]:
@@ -54,8 +59,7 @@ def tunables_with_huge_pages(env: Mapping[str, str]) -> Optional[str]:
   """
   if env.get(OPT_OUT, '1') == '0':
     return None
-  current = env.get('GLIBC_TUNABLES', '')
-  entries = [e for e in current.split(':') if e]
+  entries = _tunable_entries(env)
   if any(e.split('=', 1)[0] == TUNABLE for e in entries):
     return None
   return ':'.join(entries + [f'{TUNABLE}=1'])

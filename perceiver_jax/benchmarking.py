@@ -22,6 +22,7 @@ import optax
 
 from perceiver_jax import flops as flops_lib
 from perceiver_jax import models
+from perceiver_jax import profiling
 from perceiver_jax.training import losses
 from perceiver_jax.training import optimizers
 
@@ -143,8 +144,9 @@ def compile_step(experiment_config: ml_collections.ConfigDict, mode: str,
   """Compiles the config's step; returns (run, measurements before running).
 
   `run()` runs one step (a train step carries its parameters and optimizer
-  state to the next call); the measurements are compile_s, flops_per_step
-  and the memory of `device_memory`.
+  state to the next call); `run.compiled` is the compiled step. The
+  measurements are compile_s, flops_per_step and the memory of
+  `device_memory`.
   """
   if mode not in ('train', 'forward'):
     raise ValueError(f"mode must be 'train' or 'forward', got {mode!r}.")
@@ -164,7 +166,20 @@ def compile_step(experiment_config: ml_collections.ConfigDict, mode: str,
   else:
     def run():
       return compiled(*state)
+  run.compiled = compiled
   return run, info
+
+
+def profile(experiment_config: ml_collections.ConfigDict, *, mode: str,
+            batch_size: int, steps: int = 3) -> dict[str, Any]:
+  """Where the step's time goes, per module and pass: `profiling.profile_step`
+  after warm-up, with the step's FLOPs as counted from its jaxpr."""
+  run, info = compile_step(experiment_config, mode, batch_size)
+  time_calls(run, warmup=2, steps=0)
+  result = profiling.profile_step(run, run.compiled.as_text(), steps=steps)
+  result.update(mode=mode, batch_size=batch_size,
+                flops_per_step=info['flops_per_step'])
+  return result
 
 
 def benchmark(experiment_config: ml_collections.ConfigDict, *, mode: str,

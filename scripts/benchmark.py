@@ -9,6 +9,8 @@ r"""Benchmarks a config's training or forward step; prints one JSON line.
       --cross_attention=direct              # the unreformulated model
   python scripts/benchmark.py --config=configs/imagenet.py:bench_a \
       --compare=hf                          # vs HuggingFace's PyTorch model
+  python scripts/benchmark.py --config=configs/imagenet.py:bench_a \
+      --profile=3                           # where the time goes, per module
 
 Reports the median step time and its spread over --steps timed steps after
 warm-up, examples/sec, compile time, FLOPs per step (2 per multiply-add,
@@ -20,6 +22,11 @@ available, and the process's peak RSS; page faults per timed step. Each
 point of an input sweep runs in a fresh process so its RSS is its own. The
 script restarts itself once with huge-page malloc (perceiver_jax/host_memory;
 `huge_page_malloc` in the output says whether it ran with it).
+
+--profile=N traces N steps with jax.profiler instead of timing them and
+reports, per model module and pass (forward, backward, other: the optimizer),
+the time per step, its share, and the FLOPs and FLOP rate of the matrix
+products run (perceiver_jax/profiling.py).
 
 --compare=hf (needs `pip install -e '.[compare]'`) builds HuggingFace's
 PerceiverForImageClassificationFourier at the config's sizes
@@ -54,6 +61,7 @@ from ml_collections import config_flags
 
 from perceiver_jax import benchmarking
 from perceiver_jax import flops as flops_lib
+from perceiver_jax import profiling
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'forward'], 'Step.')
@@ -72,6 +80,10 @@ _CHUNK = flags.DEFINE_integer(
     'chunk_size', None, 'Override the cross-attention chunk size (0: off).')
 _PRECISION = flags.DEFINE_enum('precision', None, ['float32', 'bfloat16'],
                                'Override the compute precision.')
+_PROFILE = flags.DEFINE_integer(
+    'profile', None, 'Instead of timing: trace this many steps and print '
+    'where the time goes, per module and pass (a table on stderr, JSON on '
+    'stdout).')
 _COMPARE = flags.DEFINE_enum(
     'compare', None, ['hf'], 'Also time this implementation, taking turns '
     'with ours, in both modes (--mode is ignored).')
@@ -151,8 +163,18 @@ def main(argv):
   from perceiver_jax.training import precision
   from perceiver_jax.modules import perceiver
   precision.apply_policy(exp.training.precision, [perceiver.Perceiver])
-  peak = benchmarking.peak_flops()
   batch_size = _BATCH.value or exp.training.batch_size
+  if _PROFILE.value is not None:
+    if _PROFILE.value < 1 or _COMPARE.value:
+      raise app.UsageError('--profile takes a number of steps >= 1 and does '
+                           'not go with --compare.')
+    result = benchmarking.profile(exp, mode=_MODE.value,
+                                  batch_size=batch_size, steps=_PROFILE.value)
+    print(profiling.format_table(result), file=sys.stderr, flush=True)
+    result['config'] = _config_arg()
+    print(json.dumps(result), flush=True)
+    return
+  peak = benchmarking.peak_flops()
   if _COMPARE.value == 'hf':
     _compare_hf(exp, batch_size, [peak])
     return

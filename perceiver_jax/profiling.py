@@ -1,0 +1,298 @@
+"""Where a compiled step's time goes: time and matmul FLOP rate per module.
+
+`profile_step` traces a few calls of a compiled step with `jax.profiler`, then
+matches the trace's events (one per executed XLA instruction: a fusion, a dot,
+a copy; inside a loop, one per iteration) to the instructions of the compiled
+HLO module. Instructions are grouped by the JAX name stack that XLA keeps in
+their metadata, so a group is a model module (`encoder/latent_transformer/
+latent_block_*/mlp/hidden`, layer indices folded into `*`) in one pass:
+forward, backward (under `transpose(...)`), or `other` (outside the model,
+e.g. the optimizer update). For each group: its time per step (the median
+over the traced steps), its share of the traced op time, the FLOPs of the
+matrix products it ran (2 per multiply-add, as perceiver_jax.flops counts, but
+read from the HLO that ran, once per executed event) and their rate.
+
+Times are those of a traced run (tracing adds some overhead) and XLA:CPU may
+run independent instructions concurrently, so the groups' times can add up to
+more than the step. The FLOPs of all groups add up to the step's matmul FLOPs.
+"""
+
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import math
+import os
+import re
+import statistics
+import tempfile
+import time
+from typing import Any, Callable, Optional
+
+import jax
+
+# Instructions whose time is that of the instructions they run, which the
+# trace lists on their own.
+_CONTROL_FLOW = ('while', 'call', 'conditional')
+
+_COMPUTATION = re.compile(r'^(?:ENTRY )?%([\w.\-]+) .*\{$')
+_INSTRUCTION = re.compile(
+    r'^\s*(?:ROOT )?%([\w.\-]+) = (\([^=]*?\)|\w+\[[\d,]*\](?:\{[^}]*\})?)'
+    r' ([\w\-]+)\(([^)]*)\)(.*)$')
+_SHAPE = re.compile(r'^\w+\[([\d,]*)\]')
+_OPERAND = re.compile(r'%([\w.\-]+)')
+_CALLED = re.compile(r'\b(?:calls|to_apply)=%([\w.\-]+)')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_LHS_CONTRACTING = re.compile(r'lhs_contracting_dims=\{([\d,]*)\}')
+
+
+@dataclasses.dataclass
+class Instruction:
+  """One instruction of an HLO module, as far as profiling needs it."""
+  name: str
+  opcode: str
+  op_name: str  # JAX name stack + primitive ('' if none).
+  dot_flops: int  # Of its own dot, or of the dots of the computations it
+                  # calls (a fusion's); 0 for control flow.
+
+
+def _dims(shape: str) -> Optional[list[int]]:
+  match = _SHAPE.match(shape)
+  if match is None:
+    return None
+  return [int(d) for d in match.group(1).split(',') if d]
+
+
+def parse_hlo(text: str) -> dict[str, Instruction]:
+  """The instructions of an HLO module's text (`compiled.as_text()`), by name.
+
+  Raises:
+    ValueError: if the text holds no HLO computation.
+  """
+  computations: dict[str, list[tuple[str, str, str, str]]] = {}
+  current = None
+  for line in text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      current = computations.setdefault(header.group(1), [])
+      continue
+    instruction = _INSTRUCTION.match(line)
+    if instruction and current is not None:
+      current.append(instruction.groups())
+  if not computations:
+    raise ValueError('No HLO computation found in the given text.')
+
+  shapes = {}  # Instruction names are unique across the module.
+  for instructions in computations.values():
+    for name, shape, _, _, _ in instructions:
+      shapes[name] = _dims(shape)
+
+  def own_flops(shape, opcode, operands, attributes) -> int:
+    if opcode != 'dot':
+      return 0
+    out = _dims(shape)
+    lhs = shapes.get((_OPERAND.findall(operands) or [''])[0])
+    contracting = _LHS_CONTRACTING.search(attributes)
+    if out is None or lhs is None or contracting is None:
+      return 0
+    dims = [int(d) for d in contracting.group(1).split(',') if d]
+    return 2 * math.prod(out) * math.prod(lhs[d] for d in dims)
+
+  totals: dict[str, int] = {}
+
+  def computation_flops(name: str, seen: frozenset = frozenset()) -> int:
+    if name not in totals:
+      total = 0
+      for _, shape, opcode, operands, attributes in computations.get(name,
+                                                                     []):
+        total += own_flops(shape, opcode, operands, attributes)
+        for called in _CALLED.findall(attributes):
+          if called not in seen:
+            total += computation_flops(called, seen | {name})
+      totals[name] = total
+    return totals[name]
+
+  parsed = {}
+  for instructions in computations.values():
+    for name, shape, opcode, operands, attributes in instructions:
+      flops = own_flops(shape, opcode, operands, attributes)
+      if opcode not in _CONTROL_FLOW:
+        flops += sum(computation_flops(c) for c in _CALLED.findall(attributes))
+      op_name = _OP_NAME.search(attributes)
+      parsed[name] = Instruction(name, opcode,
+                                 op_name.group(1) if op_name else '', flops)
+  return parsed
+
+
+# Name-stack segments that say how, not where: jit wrappers, loops, remat.
+_PLUMBING = re.compile(
+    r'^(jit\(.*\)|pjit\(.*\)|while|body|cond|closed_call|checkpoint|remat'
+    r'|rematted_computation|vmap\(.*\)|cond_\w+|branch_\d+_fun|scan)$')
+_WRAPPER = re.compile(r'^(\w+)\((.*)\)$')
+
+
+def module_and_pass(op_name: str) -> tuple[str, str]:
+  """('encoder/.../mlp/hidden', 'forward'|'backward'|'other') of a name stack
+  such as 'jit(train_step)/transpose(jvp(perceiver))/encoder/.../dot_general'.
+
+  The last segment (the primitive) is dropped; `jvp(m)` and `transpose(m)`
+  are unwrapped to `m` and mark the pass; a trailing `_<number>` of a segment
+  becomes `_*`, so repeated layers fall into one group. A stack with no
+  module left ('add', 'jit(norm)/mul') is `other`; so is one with no pass
+  marker outside a differentiated model (a forward-only step's ops are
+  `forward`).
+  """
+  # XLA joins the names of ops it merged with ';': the first one stands.
+  segments = op_name.split(';')[0].split('/')[:-1]
+  kept, passes = [], set()
+  for segment in segments:
+    while True:  # transpose(jvp(perceiver)) -> perceiver.
+      wrapper = _WRAPPER.match(segment)
+      if not wrapper or wrapper.group(1) not in ('jvp', 'transpose'):
+        break
+      passes.add(wrapper.group(1))
+      segment = wrapper.group(2)
+    if _PLUMBING.match(segment):
+      continue
+    kept.append(re.sub(r'_\d+$', '_*', segment))
+  module = '/'.join(kept)
+  if not module:
+    return '', 'other'
+  if 'transpose' in passes:
+    return module, 'backward'
+  return module, 'forward'
+
+
+def _trace_events(logdir: str, module_name: Optional[str]
+                  ) -> dict[str, list[tuple[float, float]]]:
+  """(start, duration) in microseconds of each traced HLO op, by op name."""
+  files = glob.glob(os.path.join(logdir, '**', '*.trace.json.gz'),
+                    recursive=True)
+  if not files:
+    raise RuntimeError(f'jax.profiler wrote no *.trace.json.gz in {logdir}.')
+  with gzip.open(max(files, key=os.path.getmtime)) as f:
+    trace = json.load(f)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  by_op = collections.defaultdict(list)
+  for event in events:
+    args = event.get('args') or {}
+    if event.get('ph') != 'X' or 'hlo_op' not in args:
+      continue
+    if module_name and args.get('hlo_module') != module_name:
+      continue
+    by_op[args['hlo_op']].append((event['ts'], event['dur']))
+  return by_op
+
+
+def _per_step_median(events: list[tuple[float, float]], steps: int
+                     ) -> tuple[float, int]:
+  """(median over steps of the summed duration, events per step).
+
+  An op runs the same number of times in every step; its events, in time
+  order, split into `steps` equal runs.
+  """
+  if len(events) % steps:
+    return sum(d for _, d in events) / steps, len(events) // steps
+  per_step = len(events) // steps
+  ordered = [d for _, d in sorted(events)]
+  sums = [sum(ordered[i * per_step:(i + 1) * per_step]) for i in range(steps)]
+  return statistics.median(sums), per_step
+
+
+def profile_step(run: Callable[[], Any], hlo_text: str, *, steps: int = 3,
+                 module_name: Optional[str] = None,
+                 logdir: Optional[str] = None) -> dict[str, Any]:
+  """Traces `steps` calls of `run` (a compiled step), after one untraced.
+
+  Args:
+    run: runs one step of the compiled module whose text is `hlo_text`.
+    hlo_text: `compiled.as_text()`.
+    steps: traced calls; times are medians over them.
+    module_name: the module's name in the trace (e.g. 'jit_train_step');
+      events of other modules are ignored. Default: the HloModule's name in
+      `hlo_text`.
+    logdir: where the trace goes (default: a temporary directory, removed).
+
+  Returns:
+    JSON-ready: `groups` (module, pass, ms_per_step, share, gflop_per_step,
+    gflops_per_s, num_ops), sorted by time; totals of the traced ops and of
+    the matmuls among them; `traced_step_s` (median wall time of a traced
+    call).
+  """
+  if steps < 1:
+    raise ValueError(f'steps must be >= 1, got {steps}.')
+  instructions = parse_hlo(hlo_text)
+  if module_name is None:
+    header = re.search(r'^HloModule ([\w.\-]+)', hlo_text, re.MULTILINE)
+    module_name = header.group(1) if header else None
+  # One untraced call, waited for: no earlier work runs into the trace.
+  jax.block_until_ready(run())
+  with tempfile.TemporaryDirectory() as tmp:
+    logdir = logdir or tmp
+    walls = []
+    with jax.profiler.trace(logdir):
+      for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        walls.append(time.perf_counter() - start)
+    events = _trace_events(logdir, module_name)
+
+  groups = collections.defaultdict(lambda: {'us': 0.0, 'flops': 0, 'ops': 0})
+  for op, op_events in events.items():
+    instruction = instructions.get(op)
+    if instruction is None or instruction.opcode in _CONTROL_FLOW:
+      continue
+    us, per_step = _per_step_median(op_events, steps)
+    group = groups[module_and_pass(instruction.op_name)]
+    group['us'] += us
+    group['flops'] += instruction.dot_flops * per_step
+    group['ops'] += 1
+  total_us = sum(g['us'] for g in groups.values())
+  matmul_us = sum(g['us'] for g in groups.values() if g['flops'])
+  matmul_flops = sum(g['flops'] for g in groups.values())
+  rows = []
+  for (module, pass_), group in sorted(groups.items(),
+                                       key=lambda kv: -kv[1]['us']):
+    rows.append({
+        'module': module or '(outside the model)', 'pass': pass_,
+        'ms_per_step': group['us'] / 1e3,
+        'share': group['us'] / total_us if total_us else 0.0,
+        'gflop_per_step': group['flops'] / 1e9,
+        'gflops_per_s': (group['flops'] / group['us'] / 1e3
+                         if group['flops'] and group['us'] else None),
+        'num_ops': group['ops']})
+  return {
+      'groups': rows,
+      'traced_step_s': statistics.median(walls),
+      'op_ms_per_step': total_us / 1e3,
+      'matmul_ms_per_step': matmul_us / 1e3,
+      'matmul_gflop_per_step': matmul_flops / 1e9,
+      'matmul_gflops_per_s': (matmul_flops / matmul_us / 1e3
+                              if matmul_us else None),
+      'traced_steps': steps,
+  }
+
+
+def format_table(profile: dict[str, Any], *, top: int = 25) -> str:
+  """A readable table of `profile_step`'s result (the `top` groups)."""
+  lines = [f'{"ms/step":>8} {"share":>6} {"GFLOP":>7} {"GFLOP/s":>8}  '
+           f'{"pass":8} module']
+  for row in profile['groups'][:top]:
+    rate = row['gflops_per_s']
+    lines.append(
+        f'{row["ms_per_step"]:8.1f} {row["share"]:6.1%} '
+        f'{row["gflop_per_step"]:7.3g} '
+        f'{"" if rate is None else f"{rate:8.1f}":>8}  '
+        f'{row["pass"]:8} {row["module"]}')
+  hidden = len(profile['groups']) - top
+  if hidden > 0:
+    lines.append(f'... {hidden} more groups')
+  rate = profile['matmul_gflops_per_s']
+  lines.append(
+      f'traced step {profile["traced_step_s"]:.3f} s; ops '
+      f'{profile["op_ms_per_step"]:.1f} ms/step, of which matmuls '
+      f'{profile["matmul_ms_per_step"]:.1f} ms '
+      f'({profile["matmul_gflop_per_step"]:.2f} GFLOP'
+      + ('' if rate is None else f', {rate:.1f} GFLOP/s') + ')')
+  return '\n'.join(lines)

@@ -8,7 +8,8 @@ their metadata, so a group is a model module (`encoder/latent_transformer/
 latent_block_*/mlp/hidden`, layer indices folded into `*`) in one pass:
 forward, backward (under `transpose(...)`), or `other` (outside the model,
 e.g. the optimizer update). For each group: its time per step (the median
-over the traced steps), its share of the traced op time, the FLOPs of the
+over the traced steps, with their minimum and maximum: the machine's noise
+shows there first), its share of the traced op time, the FLOPs of the
 matrix products it ran (2 per multiply-add, as perceiver_jax.flops counts, but
 read from the HLO that ran, once per executed event) and their rate.
 
@@ -185,19 +186,20 @@ def _trace_events(logdir: str, module_name: Optional[str]
   return by_op
 
 
-def _per_step_median(events: list[tuple[float, float]], steps: int
-                     ) -> tuple[float, int]:
-  """(median over steps of the summed duration, events per step).
+def _per_step_sums(events: list[tuple[float, float]], steps: int
+                   ) -> tuple[list[float], int]:
+  """(summed duration in each traced step, events per step).
 
-  An op runs the same number of times in every step; its events, in time
-  order, split into `steps` equal runs.
+  An op runs the same number of times in every step, so its events, in time
+  order, split into `steps` equal runs; should they not, each step gets the
+  mean.
   """
-  if len(events) % steps:
-    return sum(d for _, d in events) / steps, len(events) // steps
-  per_step = len(events) // steps
+  per_step, extra = divmod(len(events), steps)
+  if extra:
+    return [sum(d for _, d in events) / steps] * steps, per_step
   ordered = [d for _, d in sorted(events)]
-  sums = [sum(ordered[i * per_step:(i + 1) * per_step]) for i in range(steps)]
-  return statistics.median(sums), per_step
+  return [sum(ordered[i * per_step:(i + 1) * per_step])
+          for i in range(steps)], per_step
 
 
 def profile_step(run: Callable[[], Any], hlo_text: str, *, steps: int = 3,
@@ -215,8 +217,9 @@ def profile_step(run: Callable[[], Any], hlo_text: str, *, steps: int = 3,
     logdir: where the trace goes (default: a temporary directory, removed).
 
   Returns:
-    JSON-ready: `groups` (module, pass, ms_per_step, share, gflop_per_step,
-    gflops_per_s, num_ops), sorted by time; totals of the traced ops and of
+    JSON-ready: `groups` (module, pass, ms_per_step: the median over the
+    traced steps of the group's summed op time, min_ms and max_ms over the
+    steps, share, gflop_per_step, gflops_per_s, num_ops), sorted by time; totals of the traced ops and of
     the matmuls among them; `traced_step_s` (median wall time of a traced
     call).
   """
@@ -238,29 +241,34 @@ def profile_step(run: Callable[[], Any], hlo_text: str, *, steps: int = 3,
         walls.append(time.perf_counter() - start)
     events = _trace_events(logdir, module_name)
 
-  groups = collections.defaultdict(lambda: {'us': 0.0, 'flops': 0, 'ops': 0})
+  groups = collections.defaultdict(
+      lambda: {'us': [0.0] * steps, 'flops': 0, 'ops': 0})
   for op, op_events in events.items():
     instruction = instructions.get(op)
     if instruction is None or instruction.opcode in _CONTROL_FLOW:
       continue
-    us, per_step = _per_step_median(op_events, steps)
+    sums, per_step = _per_step_sums(op_events, steps)
     group = groups[module_and_pass(instruction.op_name)]
-    group['us'] += us
+    group['us'] = [a + b for a, b in zip(group['us'], sums)]
     group['flops'] += instruction.dot_flops * per_step
     group['ops'] += 1
-  total_us = sum(g['us'] for g in groups.values())
-  matmul_us = sum(g['us'] for g in groups.values() if g['flops'])
+  for group in groups.values():
+    group['median_us'] = statistics.median(group['us'])
+  total_us = sum(g['median_us'] for g in groups.values())
+  matmul_us = sum(g['median_us'] for g in groups.values() if g['flops'])
   matmul_flops = sum(g['flops'] for g in groups.values())
   rows = []
   for (module, pass_), group in sorted(groups.items(),
-                                       key=lambda kv: -kv[1]['us']):
+                                       key=lambda kv: -kv[1]['median_us']):
+    us = group['median_us']
     rows.append({
         'module': module or '(outside the model)', 'pass': pass_,
-        'ms_per_step': group['us'] / 1e3,
-        'share': group['us'] / total_us if total_us else 0.0,
+        'ms_per_step': us / 1e3,
+        'min_ms': min(group['us']) / 1e3, 'max_ms': max(group['us']) / 1e3,
+        'share': us / total_us if total_us else 0.0,
         'gflop_per_step': group['flops'] / 1e9,
-        'gflops_per_s': (group['flops'] / group['us'] / 1e3
-                         if group['flops'] and group['us'] else None),
+        'gflops_per_s': (group['flops'] / us / 1e3
+                         if group['flops'] and us else None),
         'num_ops': group['ops']})
   return {
       'groups': rows,
@@ -276,12 +284,13 @@ def profile_step(run: Callable[[], Any], hlo_text: str, *, steps: int = 3,
 
 def format_table(profile: dict[str, Any], *, top: int = 25) -> str:
   """A readable table of `profile_step`'s result (the `top` groups)."""
-  lines = [f'{"ms/step":>8} {"share":>6} {"GFLOP":>7} {"GFLOP/s":>8}  '
-           f'{"pass":8} module']
+  lines = [f'{"ms/step":>8} {"min-max":>13} {"share":>6} {"GFLOP":>7} '
+           f'{"GFLOP/s":>8}  {"pass":8} module']
   for row in profile['groups'][:top]:
     rate = row['gflops_per_s']
+    spread = f'{row["min_ms"]:.1f}-{row["max_ms"]:.1f}'
     lines.append(
-        f'{row["ms_per_step"]:8.1f} {row["share"]:6.1%} '
+        f'{row["ms_per_step"]:8.1f} {spread:>13} {row["share"]:6.1%} '
         f'{row["gflop_per_step"]:7.3g} '
         f'{"" if rate is None else f"{rate:8.1f}":>8}  '
         f'{row["pass"]:8} {row["module"]}')

@@ -7,15 +7,18 @@ HLO module. Instructions are grouped by the JAX name stack that XLA keeps in
 their metadata, so a group is a model module (`encoder/latent_transformer/
 latent_block_*/mlp/hidden`, layer indices folded into `*`) in one pass:
 forward, backward (under `transpose(...)`), or `other` (outside the model,
-e.g. the optimizer update). For each group: its time per step (the median
-over the traced steps, with their minimum and maximum: the machine's noise
-shows there first), its share of the traced op time, the FLOPs of the
+e.g. the optimizer update). For each group: its wall time per step, the
+median over the traced steps with their minimum and maximum (the machine's
+noise shows there first); its ops' own durations; its share; the FLOPs of the
 matrix products it ran (2 per multiply-add, as perceiver_jax.flops counts, but
 read from the HLO that ran, once per executed event) and their rate.
 
-Times are those of a traced run (tracing adds some overhead) and XLA:CPU may
-run independent instructions concurrently, so the groups' times can add up to
-more than the step. The FLOPs of all groups add up to the step's matmul FLOPs.
+XLA:CPU runs independent instructions concurrently, each then on fewer
+threads, so an op's own duration overstates its cost. Wall time splits every
+stretch in which k ops run evenly among them (1/k each): the groups' wall
+times add up to the time in which any op runs, and FLOP rates use them. Times
+are those of a traced run (tracing adds some overhead). The FLOPs of all
+groups add up to the step's matmul FLOPs.
 """
 
 import collections
@@ -202,6 +205,35 @@ def _per_step_sums(events: list[tuple[float, float]], steps: int
           for i in range(steps)], per_step
 
 
+def _split_overlaps(events: dict[str, list[tuple[float, float]]]
+                    ) -> dict[str, list[tuple[float, float]]]:
+  """Each event's share of the wall clock: (start, microseconds), where a
+  stretch of time in which k events run (on different threads) counts 1/k
+  for each. The shares add up to the time in which any event runs."""
+  flat, points = [], []
+  for op, op_events in events.items():
+    for start, duration in op_events:
+      points.append((start, 1, len(flat)))
+      points.append((start + duration, 0, len(flat)))  # Ends sort first.
+      flat.append([op, start, 0.0])
+  points.sort()
+  active, last = set(), None
+  for time_us, is_start, index in points:
+    if active and time_us > last:
+      share = (time_us - last) / len(active)
+      for i in active:
+        flat[i][2] += share
+    last = time_us
+    if is_start:
+      active.add(index)
+    else:
+      active.discard(index)
+  shares = collections.defaultdict(list)
+  for op, start, share in flat:
+    shares[op].append((start, share))
+  return shares
+
+
 def profile_step(run: Callable[[], Any], hlo_text: str, *, steps: int = 3,
                  module_name: Optional[str] = None,
                  logdir: Optional[str] = None) -> dict[str, Any]:
@@ -218,10 +250,11 @@ def profile_step(run: Callable[[], Any], hlo_text: str, *, steps: int = 3,
 
   Returns:
     JSON-ready: `groups` (module, pass, ms_per_step: the median over the
-    traced steps of the group's summed op time, min_ms and max_ms over the
-    steps, share, gflop_per_step, gflops_per_s, num_ops), sorted by time; totals of the traced ops and of
-    the matmuls among them; `traced_step_s` (median wall time of a traced
-    call).
+    traced steps of the group's wall time, min_ms and max_ms over the steps,
+    op_ms_per_step: its ops' own durations, share, gflop_per_step,
+    gflops_per_s, num_ops), sorted by wall time; busy_ms_per_step (the time
+    in which any op runs) and the matmuls' part of it; traced_step_s (the
+    median time of a traced call).
   """
   if steps < 1:
     raise ValueError(f'steps must be >= 1, got {steps}.')
@@ -241,30 +274,36 @@ def profile_step(run: Callable[[], Any], hlo_text: str, *, steps: int = 3,
         walls.append(time.perf_counter() - start)
     events = _trace_events(logdir, module_name)
 
-  groups = collections.defaultdict(
-      lambda: {'us': [0.0] * steps, 'flops': 0, 'ops': 0})
+  events = {op: op_events for op, op_events in events.items()
+            if op in instructions
+            and instructions[op].opcode not in _CONTROL_FLOW}
+  wall = _split_overlaps(events)
+  groups = collections.defaultdict(lambda: {
+      'us': [0.0] * steps, 'wall_us': [0.0] * steps, 'flops': 0, 'ops': 0})
   for op, op_events in events.items():
-    instruction = instructions.get(op)
-    if instruction is None or instruction.opcode in _CONTROL_FLOW:
-      continue
-    sums, per_step = _per_step_sums(op_events, steps)
+    instruction = instructions[op]
     group = groups[module_and_pass(instruction.op_name)]
+    sums, per_step = _per_step_sums(op_events, steps)
+    wall_sums, _ = _per_step_sums(wall[op], steps)
     group['us'] = [a + b for a, b in zip(group['us'], sums)]
+    group['wall_us'] = [a + b for a, b in zip(group['wall_us'], wall_sums)]
     group['flops'] += instruction.dot_flops * per_step
     group['ops'] += 1
   for group in groups.values():
-    group['median_us'] = statistics.median(group['us'])
-  total_us = sum(g['median_us'] for g in groups.values())
-  matmul_us = sum(g['median_us'] for g in groups.values() if g['flops'])
+    group['median_wall_us'] = statistics.median(group['wall_us'])
+  total_us = sum(g['median_wall_us'] for g in groups.values())
+  matmul_us = sum(g['median_wall_us'] for g in groups.values() if g['flops'])
   matmul_flops = sum(g['flops'] for g in groups.values())
   rows = []
-  for (module, pass_), group in sorted(groups.items(),
-                                       key=lambda kv: -kv[1]['median_us']):
-    us = group['median_us']
+  for (module, pass_), group in sorted(
+      groups.items(), key=lambda kv: -kv[1]['median_wall_us']):
+    us = group['median_wall_us']
     rows.append({
         'module': module or '(outside the model)', 'pass': pass_,
         'ms_per_step': us / 1e3,
-        'min_ms': min(group['us']) / 1e3, 'max_ms': max(group['us']) / 1e3,
+        'min_ms': min(group['wall_us']) / 1e3,
+        'max_ms': max(group['wall_us']) / 1e3,
+        'op_ms_per_step': statistics.median(group['us']) / 1e3,
         'share': us / total_us if total_us else 0.0,
         'gflop_per_step': group['flops'] / 1e9,
         'gflops_per_s': (group['flops'] / us / 1e3
@@ -273,7 +312,7 @@ def profile_step(run: Callable[[], Any], hlo_text: str, *, steps: int = 3,
   return {
       'groups': rows,
       'traced_step_s': statistics.median(walls),
-      'op_ms_per_step': total_us / 1e3,
+      'busy_ms_per_step': total_us / 1e3,
       'matmul_ms_per_step': matmul_us / 1e3,
       'matmul_gflop_per_step': matmul_flops / 1e9,
       'matmul_gflops_per_s': (matmul_flops / matmul_us / 1e3
@@ -284,13 +323,14 @@ def profile_step(run: Callable[[], Any], hlo_text: str, *, steps: int = 3,
 
 def format_table(profile: dict[str, Any], *, top: int = 25) -> str:
   """A readable table of `profile_step`'s result (the `top` groups)."""
-  lines = [f'{"ms/step":>8} {"min-max":>13} {"share":>6} {"GFLOP":>7} '
-           f'{"GFLOP/s":>8}  {"pass":8} module']
+  lines = [f'{"ms/step":>8} {"min-max":>13} {"op ms":>7} {"share":>6} '
+           f'{"GFLOP":>7} {"GFLOP/s":>8}  {"pass":8} module']
   for row in profile['groups'][:top]:
     rate = row['gflops_per_s']
     spread = f'{row["min_ms"]:.1f}-{row["max_ms"]:.1f}'
     lines.append(
-        f'{row["ms_per_step"]:8.1f} {spread:>13} {row["share"]:6.1%} '
+        f'{row["ms_per_step"]:8.1f} {spread:>13} {row["op_ms_per_step"]:7.1f} '
+        f'{row["share"]:6.1%} '
         f'{row["gflop_per_step"]:7.3g} '
         f'{"" if rate is None else f"{rate:8.1f}":>8}  '
         f'{row["pass"]:8} {row["module"]}')
@@ -299,8 +339,8 @@ def format_table(profile: dict[str, Any], *, top: int = 25) -> str:
     lines.append(f'... {hidden} more groups')
   rate = profile['matmul_gflops_per_s']
   lines.append(
-      f'traced step {profile["traced_step_s"]:.3f} s; ops '
-      f'{profile["op_ms_per_step"]:.1f} ms/step, of which matmuls '
+      f'traced step {profile["traced_step_s"]:.3f} s; ops running '
+      f'{profile["busy_ms_per_step"]:.1f} ms of it, matmuls '
       f'{profile["matmul_ms_per_step"]:.1f} ms '
       f'({profile["matmul_gflop_per_step"]:.2f} GFLOP'
       + ('' if rate is None else f', {rate:.1f} GFLOP/s') + ')')

@@ -16,7 +16,9 @@ read from the HLO that ran, once per executed event) and their rate.
 XLA:CPU runs independent instructions concurrently, each then on fewer
 threads, so an op's own duration overstates its cost. Wall time splits every
 stretch in which k ops run evenly among them (1/k each): the groups' wall
-times add up to the time in which any op runs, and FLOP rates use them. Times
+times add up to the time in which any op runs, and FLOP rates use them. The
+split is even, not by threads used: an op beside one that holds both cores
+gets too little time, and its rate can exceed the machine's peak. Times
 are those of a traced run (tracing adds some overhead). The FLOPs of all
 groups add up to the step's matmul FLOPs.
 """

@@ -76,7 +76,7 @@ def parse_hlo(text: str) -> dict[str, Instruction]:
   Raises:
     ValueError: if the text holds no HLO computation.
   """
-  computations: dict[str, list[tuple[str, str, str, str]]] = {}
+  computations: dict[str, list[tuple[str, str, str, str, str]]] = {}
   current = None
   for line in text.splitlines():
     header = _COMPUTATION.match(line)
@@ -145,9 +145,9 @@ def module_and_pass(op_name: str) -> tuple[str, str]:
   The last segment (the primitive) is dropped; `jvp(m)` and `transpose(m)`
   are unwrapped to `m` and mark the pass; a trailing `_<number>` of a segment
   becomes `_*`, so repeated layers fall into one group. A stack with no
-  module left ('add', 'jit(norm)/mul') is `other`; so is one with no pass
-  marker outside a differentiated model (a forward-only step's ops are
-  `forward`).
+  module left ('add', 'jit(norm)/mul': the optimizer's ops) is `other`; any
+  other is `backward` under `transpose(...)` and `forward` otherwise (all of
+  a forward-only step's model ops).
   """
   # XLA joins the names of ops it merged with ';': the first one stands.
   segments = op_name.split(';')[0].split('/')[:-1]

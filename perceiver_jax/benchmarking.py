@@ -175,7 +175,7 @@ def profile(experiment_config: ml_collections.ConfigDict, *, mode: str,
   """Where the step's time goes, per module and pass: `profiling.profile_step`
   after warm-up, with the step's FLOPs as counted from its jaxpr."""
   run, info = compile_step(experiment_config, mode, batch_size)
-  time_calls(run, warmup=2, steps=0)
+  time_calls(run, warmup=1, steps=0)  # profile_step runs a second one.
   result = profiling.profile_step(run, run.compiled.as_text(), steps=steps)
   result.update(mode=mode, batch_size=batch_size,
                 flops_per_step=info['flops_per_step'])

@@ -107,16 +107,13 @@ def parse_hlo(text: str) -> dict[str, Instruction]:
 
   totals: dict[str, int] = {}
 
-  def computation_flops(name: str, seen: frozenset = frozenset()) -> int:
+  def computation_flops(name: str) -> int:  # HLO calls form no cycles.
     if name not in totals:
-      total = 0
-      for _, shape, opcode, operands, attributes in computations.get(name,
-                                                                     []):
-        total += own_flops(shape, opcode, operands, attributes)
-        for called in _CALLED.findall(attributes):
-          if called not in seen:
-            total += computation_flops(called, seen | {name})
-      totals[name] = total
+      totals[name] = sum(
+          own_flops(shape, opcode, operands, attributes)
+          + sum(computation_flops(c) for c in _CALLED.findall(attributes))
+          for _, shape, opcode, operands, attributes in computations.get(
+              name, []))
     return totals[name]
 
   parsed = {}
@@ -236,19 +233,15 @@ def _split_overlaps(events: dict[str, list[tuple[float, float]]]
   return shares
 
 
-def profile_step(run: Callable[[], Any], hlo_text: str, *, steps: int = 3,
-                 module_name: Optional[str] = None,
-                 logdir: Optional[str] = None) -> dict[str, Any]:
+def profile_step(run: Callable[[], Any], hlo_text: str, *, steps: int = 3
+                 ) -> dict[str, Any]:
   """Traces `steps` calls of `run` (a compiled step), after one untraced.
 
   Args:
     run: runs one step of the compiled module whose text is `hlo_text`.
     hlo_text: `compiled.as_text()`.
-    steps: traced calls; times are medians over them.
-    module_name: the module's name in the trace (e.g. 'jit_train_step');
-      events of other modules are ignored. Default: the HloModule's name in
-      `hlo_text`.
-    logdir: where the trace goes (default: a temporary directory, removed).
+    steps: traced calls; times are medians over them. Events of modules
+      other than `hlo_text`'s are ignored.
 
   Returns:
     JSON-ready: `groups` (module, pass, ms_per_step: the median over the
@@ -261,13 +254,11 @@ def profile_step(run: Callable[[], Any], hlo_text: str, *, steps: int = 3,
   if steps < 1:
     raise ValueError(f'steps must be >= 1, got {steps}.')
   instructions = parse_hlo(hlo_text)
-  if module_name is None:
-    header = re.search(r'^HloModule ([\w.\-]+)', hlo_text, re.MULTILINE)
-    module_name = header.group(1) if header else None
+  header = re.search(r'^HloModule ([\w.\-]+)', hlo_text, re.MULTILINE)
+  module_name = header.group(1) if header else None
   # One untraced call, waited for: no earlier work runs into the trace.
   jax.block_until_ready(run())
-  with tempfile.TemporaryDirectory() as tmp:
-    logdir = logdir or tmp
+  with tempfile.TemporaryDirectory() as logdir:
     walls = []
     with jax.profiler.trace(logdir):
       for _ in range(steps):

@@ -95,6 +95,46 @@ def test_chunked_gradient_keeps_no_copy_of_the_keys(heads):
   assert temp < kv.nbytes / 2
 
 
+def test_one_head_layouts_agree():
+  """One head: logits held keys-major [B, M, N] (on CPU) or [B, N, M] (on
+  other backends) give the same outputs and gradients."""
+  rng = np.random.default_rng(4)
+  q, k = rng.normal(size=(2, 3, 1, 4)), rng.normal(size=(2, 6, 1, 4))
+  v = rng.normal(size=(2, 6, 1, 5))
+  q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
+  mask = attention._check_mask(
+      jnp.array([[1, 1, 0, 1, 0, 1], [0, 0, 0, 0, 0, 0]], bool), 2, 3, 6)
+
+  def attend(keys_major):
+    fn = attention._attend_keys_major if keys_major else attention._attend
+    return lambda q, k, v: fn(q[:, :, 0], k[:, :, 0], v[:, :, 0], mask[:, 0],
+                              0.5)
+
+  loss = lambda f: lambda *qkv: jnp.sum(jnp.sin(f(*qkv)) * 3.0)
+  np.testing.assert_allclose(attend(True)(q, k, v), attend(False)(q, k, v),
+                             atol=1e-6)
+  got = jax.grad(loss(attend(True)), (0, 1, 2))(q, k, v)
+  want = jax.grad(loss(attend(False)), (0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+@pytest.mark.parametrize('chunk_size', [None, 64])
+def test_one_head_attention_with_a_broadcast_query(chunk_size):
+  """Queries shared by the batch, as latents are (XLA:CPU miscompiled the
+  keys-major logits of a broadcast query; see attention._unbroadcast)."""
+  rng = np.random.default_rng(5)
+  b, n, c, m = 4, 32, 13, 256
+  q, x = rng.normal(size=(n, c)), rng.normal(size=(b, m, c))
+  attend = jax.jit(lambda q, x: attention.dot_product_attention(
+      jnp.broadcast_to(q, (b, n, c))[:, :, None], x[:, :, None],
+      x[:, :, None], chunk_size=chunk_size))
+  got = attend(jnp.asarray(q, jnp.float32), jnp.asarray(x, jnp.float32))
+  want = _numpy_attention(np.broadcast_to(q, (b, n, c))[:, :, None],
+                          x[:, :, None], x[:, :, None])
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_linear_gradients_match_autodiff():
   rng = np.random.default_rng(3)
   x, w, b = (jnp.asarray(rng.normal(size=s), jnp.float32)

@@ -30,7 +30,7 @@ array (no dx matmuls, no LayerNorm backward over M).
 
 import functools
 import math
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import haiku as hk
 import jax
@@ -122,8 +122,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   scale = 1.0 / math.sqrt(qk) if scale is None else scale
   if mask is not None:
     mask = _check_mask(mask, batch, n, m)
-  # One head on CPU: logits keys-major (see _attend_keys_major).
-  keys_major = heads == 1 and jax.default_backend() == 'cpu'
   if chunk_size is not None and chunk_size < m:
     return _chunked_attention(q, k, v, mask, scale, chunk_size)
   if mask is None and jax.default_backend() == 'gpu':
@@ -132,7 +130,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if heads == 1:  # Without the head axis: no transposes, no size-1 axes
     # (XLA:CPU reduces slowly over those).
     mask = None if mask is None else mask[:, 0]  # [B, N|1, M]
-    attend = _attend_keys_major if keys_major else _attend
+    # Logits keys-major on CPU (see _attend_keys_major).
+    cpu = jax.default_backend() == 'cpu'
+    attend = _attend_keys_major if cpu else _attend
     return attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], mask, scale)[:, :, None]
   # Head-first batched matmuls: faster than [B, N, H, K] einsums on CPU.
   out = _attend(jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2),
@@ -261,62 +261,148 @@ _attend_keys_major.defvjp(_attend_keys_major_fwd, _attend_keys_major_bwd,
 def _chunked_attention(q, k, v, mask, scale, chunk_size):
   """dot_product_attention over chunks of M with an online softmax.
 
-  Chunks are sliced out of k, v (and the mask) inside the loop, never copied
-  into a chunked layout, so the only [B, M, ...] arrays are the inputs.
+  q [B, N, H, K], k [B, M, H, K], v [B, M, H, V], mask [B', 1, N', M] or
+  None -> [B, N, H, V]. Chunks are sliced out of k, v (and the mask) inside
+  the loop, never copied into a chunked layout. The logits stay query-major
+  here: keys-major chunks (as in `_attend_keys_major`) were 3-5% slower at
+  bench_b's shapes.
   """
-  m = k.shape[1]
-  if q.shape[2] == 1:  # One head: no head axis, as in dot_product_attention.
-    qh, k, v = q[:, :, 0] * scale, k[:, :, 0], v[:, :, 0]  # [B, N|M, K|V]
-    keys_t = lambda kc: jnp.swapaxes(kc, 1, 2)  # [B, c, K] -> [B, K, c]
-    values = lambda vc: vc  # [B, c, V]
+  if q.shape[2] == 1:  # No head axis, as in dot_product_attention.
     mask = None if mask is None else mask[:, 0]  # [B', N', M]
-  else:
-    qh = jnp.swapaxes(q, 1, 2) * scale  # [B, H, N, K]
-    keys_t = lambda kc: jnp.transpose(kc, (0, 2, 3, 1))  # -> [B, H, K, c]
-    values = lambda vc: jnp.swapaxes(vc, 1, 2)  # -> [B, H, c, V]
-  lead = qh.shape[:-1]  # [B, (H,) N]
+    out = _chunked(q[:, :, 0], k[:, :, 0], v[:, :, 0], mask, scale,
+                   chunk_size, _ChunkSpecs('bnk', 'bck', 'bcv', 'bnc'))
+    return out[:, :, None]
+  # Head-first queries and logits, as in dot_product_attention.
+  out = _chunked(jnp.swapaxes(q, 1, 2), k, v, mask, scale, chunk_size,
+                 _ChunkSpecs('bhnk', 'bchk', 'bchv', 'bhnc'))
+  return jnp.swapaxes(out, 1, 2)
+
+
+class _ChunkSpecs(NamedTuple):
+  """einsum axes of the chunked attention's arrays: queries, a chunk of keys
+  and of values, the chunk's logits (c = chunk axis). The output has the
+  queries' axes with v for k; the softmax statistics, the logits' without c.
+  """
+  q: str
+  k: str
+  v: str
+  logits: str
+
+  @property
+  def out(self) -> str:
+    return self.q.replace('k', 'v')
+
+  @property
+  def chunk_axis(self) -> int:
+    return self.logits.index('c')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked(q, k, v, mask, scale, chunk_size, specs):
+  """softmax(q k^T scale) v in chunks of M; arrays laid out as `specs` says.
+
+  The mask (or None) is laid out as the logits, with all of M for c.
+  Nothing of size M is stored for the backward pass beyond the inputs: it
+  recomputes each chunk's weights from the saved log-sum-exp of every
+  query's logits, as FlashAttention does.
+  """
+  return _chunked_fwd(q, k, v, mask, scale, chunk_size, specs)[0]
+
+
+def _chunk_scan(step, carry, m, chunk_size):
+  """Runs carry = step(carry, start, size) over the chunks of M."""
+  starts = jnp.arange(m // chunk_size) * chunk_size
+  carry, _ = jax.lax.scan(lambda c, s: (step(c, s, chunk_size), None), carry,
+                          starts)
+  if m % chunk_size:  # The last, shorter chunk.
+    carry = step(carry, m - m % chunk_size, m % chunk_size)
+  return carry
+
+
+def _chunk_logits(q, k, v, mask, start, size, specs):
+  """A chunk's keys, values, mask (or None) and float32 logits."""
+  kc, vc = (jax.lax.dynamic_slice_in_dim(x, start, size, 1) for x in (k, v))
+  mc = None if mask is None else jax.lax.dynamic_slice_in_dim(
+      mask, start, size, specs.chunk_axis)
+  logits = jnp.einsum(f'{specs.q},{specs.k}->{specs.logits}', q, kc)
+  return kc, vc, mc, logits.astype(jnp.float32)
+
+
+def _chunked_fwd(q, k, v, mask, scale, chunk_size, specs):
+  need = [getattr(t, 'perturbed', True) for t in (q, k, v)]
+  q, k, v, mask = [getattr(t, 'value', t) for t in (q, k, v, mask)]
+  q = q * scale
+  axis = specs.chunk_axis
+  lead = q.shape[:-1]  # Of the queries: [B, (H,) N].
   lowest = jnp.finfo(jnp.float32).min
 
-  def chunk(start, size):
-    mc = None if mask is None else jax.lax.dynamic_slice_in_dim(
-        mask, start, size, axis=-1)
-    return (jax.lax.dynamic_slice_in_dim(k, start, size, axis=1),
-            jax.lax.dynamic_slice_in_dim(v, start, size, axis=1), mc)
-
-  # Rematerialised, slicing included, so the backward pass keeps only the
-  # carries and start of each chunk: neither the N x c logits of every chunk
-  # nor the slices of k and v (which would be a copy of all of them).
-  @functools.partial(jax.checkpoint, static_argnums=(2,))
   def step(carry, start, size):
-    kc, vc, mc = chunk(start, size)  # [B, c, (H,) K|V], [B', (1,) N', c]
-    running_max, denom, acc = carry  # [*lead], [*lead], [*lead, V]
-    logits = jnp.matmul(qh, keys_t(kc)).astype(jnp.float32)  # [*lead, c]
+    running_max, denom, acc = carry  # lead, lead, lead + [V]
+    _, vc, mc, logits = _chunk_logits(q, k, v, mask, start, size, specs)
     if mc is not None:
       logits = jnp.where(mc, logits, lowest)
-    new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
-    p = jnp.exp(logits - new_max[..., None])
+    new_max = jnp.maximum(running_max, jnp.max(logits, axis=axis))
+    p = jnp.exp(logits - jnp.expand_dims(new_max, axis))
     if mc is not None:
       p = jnp.where(mc, p, 0.0)
     correction = jnp.exp(running_max - new_max)
-    denom = denom * correction + jnp.sum(p, axis=-1)
-    acc = acc * correction[..., None] + jnp.matmul(
-        p.astype(vc.dtype), values(vc)).astype(jnp.float32)
+    denom = denom * correction + jnp.sum(p, axis=axis)
+    acc = acc * correction[..., None] + jnp.einsum(
+        f'{specs.logits},{specs.v}->{specs.out}', p.astype(v.dtype),
+        vc).astype(jnp.float32)
     return new_max, denom, acc
 
-  carry = (jnp.full(lead, lowest, jnp.float32),
-           jnp.zeros(lead, jnp.float32),
+  carry = (jnp.full(lead, lowest, jnp.float32), jnp.zeros(lead, jnp.float32),
            jnp.zeros(lead + (v.shape[-1],), jnp.float32))
-  num_full = m // chunk_size
-  carry, _ = jax.lax.scan(
-      lambda c, i: (step(c, i * chunk_size, chunk_size), None),
-      carry, jnp.arange(num_full))
-  if m % chunk_size:  # The last, shorter chunk.
-    carry = step(carry, num_full * chunk_size, m % chunk_size)
-  _, denom, acc = carry
-  out = jnp.where(denom[..., None] > 0,
-                  acc / jnp.maximum(denom, 1e-30)[..., None], 0.0)
-  out = out[:, :, None] if len(lead) == 2 else jnp.swapaxes(out, 1, 2)
-  return out.astype(v.dtype)  # [B, N, H, V]
+  running_max, denom, acc = _chunk_scan(step, carry, k.shape[1], chunk_size)
+  has_keys = denom > 0  # False for a query whose keys are all masked.
+  out = jnp.where(has_keys[..., None],
+                  acc / jnp.where(has_keys, denom, 1.0)[..., None], 0.0)
+  # log sum_m exp(logits); 0 where there are no keys (their weights are 0).
+  log_sum = jnp.where(has_keys, running_max + jnp.log(
+      jnp.where(has_keys, denom, 1.0)), 0.0)
+  out = out.astype(v.dtype)
+  return out, (q, k, v, mask, out, log_sum, need)
+
+
+def _chunked_bwd(scale, chunk_size, specs, residuals, g):
+  q, k, v, mask, out, log_sum, (need_q, need_k, need_v) = residuals
+  axis = specs.chunk_axis
+  # The softmax's row sums, sum_m dP * P = sum_v dO * O (as in _attend_bwd).
+  row_sums = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), -1)
+  row_sums, log_sum = (jnp.expand_dims(x, axis) for x in (row_sums, log_sum))
+
+  def step(carry, start, size):
+    dq, dk, dv = carry
+    kc, vc, mc, logits = _chunk_logits(q, k, v, mask, start, size, specs)
+    p = jnp.exp(logits - log_sum)  # The weights.
+    if mc is not None:
+      p = jnp.where(mc, p, 0.0)
+    dp = jnp.einsum(f'{specs.out},{specs.v}->{specs.logits}', g,
+                    vc).astype(jnp.float32)
+    dlogits = (p * (dp - row_sums)).astype(g.dtype)
+    if need_q:
+      dq = dq + jnp.einsum(f'{specs.logits},{specs.k}->{specs.q}', dlogits,
+                           kc).astype(jnp.float32)
+    if need_k:
+      dk = jax.lax.dynamic_update_slice_in_dim(dk, jnp.einsum(
+          f'{specs.logits},{specs.q}->{specs.k}', dlogits, q).astype(
+              dk.dtype), start, 1)
+    if need_v:
+      dv = jax.lax.dynamic_update_slice_in_dim(dv, jnp.einsum(
+          f'{specs.logits},{specs.out}->{specs.v}', p.astype(g.dtype),
+          g).astype(dv.dtype), start, 1)
+    return dq, dk, dv
+
+  carry = (jnp.zeros(q.shape, jnp.float32) if need_q else None,
+           jnp.zeros_like(k) if need_k else None,
+           jnp.zeros_like(v) if need_v else None)
+  dq, dk, dv = _chunk_scan(step, carry, k.shape[1], chunk_size)
+  dq = None if dq is None else (dq * scale).astype(q.dtype)
+  return dq, dk, dv, None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd, symbolic_zeros=True)
 
 
 def formulation_costs(*, num_queries: int, num_inputs: int,

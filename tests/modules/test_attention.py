@@ -135,6 +135,27 @@ def test_one_head_attention_with_a_broadcast_query(chunk_size):
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_layer_norm_matches_haiku_with_gradients():
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(2, 3, 8)) * 3 + 1, jnp.float32)
+  g = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
+  params = {'ln': {'scale': jnp.asarray(rng.normal(size=8), jnp.float32),
+                   'offset': jnp.asarray(rng.normal(size=8), jnp.float32)}}
+  ours = hk.without_apply_rng(hk.transform(
+      lambda x: attention.layer_norm('ln')(x)))
+  haikus = hk.without_apply_rng(hk.transform(lambda x: hk.LayerNorm(
+      -1, True, True, eps=1e-5, name='ln')(x)))
+  assert jax.tree.map(jnp.shape, ours.init(None, x)) == jax.tree.map(
+      jnp.shape, params)
+  np.testing.assert_allclose(ours.apply(params, x), haikus.apply(params, x),
+                             atol=1e-5)
+  loss = lambda t: lambda p, x: jnp.sum(jnp.sin(t.apply(p, x)) * g)
+  got = jax.grad(loss(ours), (0, 1))(params, x)
+  want = jax.grad(loss(haikus), (0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_linear_gradients_match_autodiff():
   rng = np.random.default_rng(3)
   x, w, b = (jnp.asarray(rng.normal(size=s), jnp.float32)

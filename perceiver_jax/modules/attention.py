@@ -261,7 +261,8 @@ def _unbroadcast(q, k):
   and the softmax's max over M fuses with the product: wrong numbers or NaN
   (e.g. at B, N, K, M = 4, 32, 13, 256). Adding 0 * k[..., 0, 0] (which XLA
   does not fold: 0 * x is not 0 for every float) keeps q a per-example
-  array. An optimization barrier does not: XLA:CPU removes those first.
+  array. Wrapping q in an optimization barrier instead does not help
+  (tests/modules/test_attention.py fails with it).
   """
   return q + 0.0 * k[..., :1, :1]
 

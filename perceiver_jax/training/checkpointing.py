@@ -198,6 +198,15 @@ def restore_structure(template: Any, value: Any) -> Any:
 # Directory scanning.
 
 
+def _as_path(path: PathLike) -> epath.Path:
+  """`path` as an epath.Path; a local one with ~ expanded and made absolute
+  (orbax's array writer rejects relative paths)."""
+  text = os.fspath(path)
+  if '://' in text:  # gs:// and other remote stores.
+    return epath.Path(text)
+  return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
 def _is_complete_step(path: epath.Path) -> bool:
   return (path.name.isdigit() and path.is_dir() and
           (path / _COMMIT_FILE).exists())
@@ -230,7 +239,7 @@ def list_steps(checkpoint_dir: PathLike) -> list[int]:
   Raises:
     FileNotFoundError: if `checkpoint_dir` does not exist.
   """
-  path = epath.Path(checkpoint_dir)
+  path = _as_path(checkpoint_dir)
   if not path.exists():
     raise FileNotFoundError(f'Checkpoint directory {path} does not exist.')
   return _complete_steps(_series_dir(path))
@@ -336,7 +345,7 @@ def restore_checkpoint(path: PathLike) -> dict[str, Any]:
     RuntimeError: if the checkpoint cannot be read (corrupt files); the
       message names the previous step to try.
   """
-  path = epath.Path(path)
+  path = _as_path(path)
   if not path.exists():
     raise FileNotFoundError(f'Checkpoint path {path} does not exist.')
   if (path.name.isdigit() or _TMP_MARKER in path.name or
@@ -405,9 +414,7 @@ class DiskCheckpointer:
     if not directory:
       raise ValueError(f'config.checkpoint_dir is {directory!r}: set it to a '
                        'local path or gs:// URL.')
-    if '://' not in directory:
-      directory = os.path.expanduser(directory)
-    self._root = epath.Path(directory)
+    self._root = _as_path(directory)
     self._keep = {
         LATEST: config.max_checkpoints_to_keep,
         BEST: config.get('best_checkpoints_to_keep', 1),

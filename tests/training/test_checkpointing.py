@@ -164,6 +164,26 @@ def test_round_trip_in_a_fresh_checkpointer(tmp_path):
       'count', 'mu', 'nu'}
 
 
+def test_relative_and_home_directories(tmp_path, monkeypatch):
+  """A relative checkpoint_dir (as in the README's main command) or one
+  under ~ is used as the absolute path it names: orbax rejects relative
+  ones."""
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  for directory, absolute in (('runs/digits', tmp_path / 'runs' / 'digits'),
+                              ('~/ckpt', tmp_path / 'home' / 'ckpt')):
+    writer = checkpointing.make_checkpointer(
+        _config(tmp_path, checkpoint_dir=directory), 'train')
+    assert writer.directory == absolute
+    saved = _save(writer, 3)
+    assert checkpointing.list_steps(directory) == [3]
+    outside = checkpointing.restore_checkpoint(directory)
+    assert outside['path'] == str(absolute / 'latest' / '3')
+    np.testing.assert_array_equal(
+        outside['experiment_module']['params']['linear']['w'],
+        np.asarray(saved.params['linear']['w'][0]))  # One device's copy.
+
+
 def test_typed_key_rng_and_none_entries_round_trip(tmp_path):
   config = _config(tmp_path)
   experiment = _Experiment('train', jax.random.PRNGKey(0))  # params: None.

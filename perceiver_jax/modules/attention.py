@@ -175,82 +175,41 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if heads == 1:  # Without the head axis: no transposes, no size-1 axes
     # (XLA:CPU reduces slowly over those).
     mask = None if mask is None else mask[:, 0]  # [B, N|1, M]
-    # Logits keys-major on CPU (see _attend_keys_major).
-    cpu = jax.default_backend() == 'cpu'
-    attend = _attend_keys_major if cpu else _attend
-    return attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], mask, scale)[:, :, None]
+    # Logits keys-major on CPU (see _attend).
+    keys_major = jax.default_backend() == 'cpu'
+    return _attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], mask, scale,
+                   keys_major)[:, :, None]
   # Head-first batched matmuls: faster than [B, N, H, K] einsums on CPU.
   out = _attend(jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2),
                 jnp.swapaxes(v, 1, 2), mask, scale)  # [B, H, N, V]
   return jnp.swapaxes(out, 1, 2)
 
 
-def _softmax_weights(q, k, mask):
-  """float32 softmax(q k^T) [..., N, M]; rows with no key give 0."""
-  logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2)).astype(jnp.float32)
-  if mask is None:
-    return jax.nn.softmax(logits, axis=-1)
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1)
-  # A row with no real key would otherwise spread weight uniformly.
-  return jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attend(q, k, v, mask, scale):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attend(q, k, v, mask, scale, keys_major=False):
   """softmax(q k^T scale) v for q [..., N, K], k [..., M, K], v [..., M, V]
   and a mask broadcastable to [..., N, M] (or None); the leading axes are
-  [B, H] (head-first) or [B] (one head).
+  [B, H] (head-first) or [B] (one head). Queries with no real key give 0.
 
   The scale is applied to q (N x K numbers, not N x M logits). The backward
   pass takes the softmax's row sums sum_m(dP * P) as sum_v(dO * O), over V
   channels instead of M keys (as FlashAttention does): the same number,
   without a reduction over the [..., N, M] array.
+
+  keys_major holds the logits and weights as [..., M, N] instead: same
+  result, faster for the one-head cross-attention on XLA:CPU. At bench_a's
+  shapes (batch 16, N = 128 queries, M = 4,096 keys, K = V = 133 channels)
+  the products ran at 84 GFLOP/s (k q^T, against 74 for q k^T), 126
+  (weights^T v, against 93) and 126 (the backward's dlogits^T k, against
+  99), and forward + backward took 115 ms instead of 160 (same process,
+  alternating).
   """
-  weights = _softmax_weights(q * scale, k, mask)
-  return jnp.matmul(weights.astype(v.dtype), v)
+  return _attend_fwd(q, k, v, mask, scale, keys_major)[0]
 
 
-def _attend_fwd(q, k, v, mask, scale):
-  need_q, need_k, need_v = q.perturbed, k.perturbed, v.perturbed
-  q, k, v, mask = q.value, k.value, v.value, getattr(mask, 'value', mask)
-  q = q * scale
-  weights = _softmax_weights(q, k, mask)
-  out = jnp.matmul(weights.astype(v.dtype), v)
-  # None marks a gradient that is not needed (symbolic zeros).
-  return out, (k if need_q else None, q if need_k else None, need_v or None,
-               v, weights, out)
-
-
-def _attend_bwd(scale, residuals, g):
-  k_for_dq, scaled_q_for_dk, need_dv, v, weights, out = residuals
-  dv = None if need_dv is None else jnp.matmul(
-      jnp.swapaxes(weights, -1, -2).astype(g.dtype), g)
-  dweights = jnp.matmul(g, jnp.swapaxes(v, -1, -2)).astype(jnp.float32)
-  row_sums = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32),
-                     axis=-1, keepdims=True)  # [..., N, 1]
-  dlogits = (weights * (dweights - row_sums)).astype(g.dtype)  # [..., N, M]
-  dq = None if k_for_dq is None else jnp.matmul(dlogits, k_for_dq) * scale
-  dk = None if scaled_q_for_dk is None else jnp.matmul(
-      jnp.swapaxes(dlogits, -1, -2), scaled_q_for_dk)
-  return dq, dk, dv, None
-
-
-_attend.defvjp(_attend_fwd, _attend_bwd, symbolic_zeros=True)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attend_keys_major(q, k, v, mask, scale):
-  """_attend with the logits and weights held keys-major, [..., M, N].
-
-  Same inputs and result as `_attend`; faster for the one-head
-  cross-attention on XLA:CPU. At bench_a's shapes (batch 16, N = 128
-  queries, M = 4,096 keys, K = V = 133 channels) the products ran at
-  84 GFLOP/s (k q^T, against 74 for q k^T), 126 (weights^T v, against 93)
-  and 126 (the backward's dlogits^T k, against 99), and forward + backward
-  took 115 ms instead of 160 (same process, alternating).
-  """
-  return _attend_keys_major_fwd(q, k, v, mask, scale)[0]
+def _logits_axes(keys_major: bool) -> tuple[str, int]:
+  """einsum axes of the logits [..., N, M] or [..., M, N], and the keys'."""
+  return ('...mn', -2) if keys_major else ('...nm', -1)
 
 
 def _unbroadcast(q, k):
@@ -267,41 +226,47 @@ def _unbroadcast(q, k):
   return q + 0.0 * k[..., :1, :1]
 
 
-def _attend_keys_major_fwd(q, k, v, mask, scale):
+def _attend_fwd(q, k, v, mask, scale, keys_major):
   perturbed = [getattr(t, 'perturbed', True) for t in (q, k, v)]
   q, k, v, mask = [getattr(t, 'value', t) for t in (q, k, v, mask)]
-  q = _unbroadcast(q * scale, k)
-  logits = jnp.matmul(k, jnp.swapaxes(q, -1, -2)).astype(jnp.float32)
+  axes, key_axis = _logits_axes(keys_major)
+  q = q * scale
+  if keys_major:
+    q = _unbroadcast(q, k)
+  logits = jnp.einsum(f'...nk,...mk->{axes}', q, k).astype(jnp.float32)
   if mask is None:
-    weights = jax.nn.softmax(logits, axis=-2)  # [..., M, N]
+    weights = jax.nn.softmax(logits, axis=key_axis)
   else:
-    mask = jnp.swapaxes(mask, -1, -2)  # [..., M, N|1]
+    if keys_major:
+      mask = jnp.swapaxes(mask, -1, -2)
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jnp.where(jnp.any(mask, axis=-2, keepdims=True),
-                        jax.nn.softmax(logits, axis=-2), 0.0)
-  out = jnp.matmul(jnp.swapaxes(weights.astype(v.dtype), -1, -2), v)
+    # A query with no real key would otherwise spread weight uniformly.
+    weights = jnp.where(jnp.any(mask, axis=key_axis, keepdims=True),
+                        jax.nn.softmax(logits, axis=key_axis), 0.0)
+  out = jnp.einsum(f'{axes},...mv->...nv', weights.astype(v.dtype), v)
+  # None marks a gradient that is not needed (symbolic zeros).
   need_q, need_k, need_v = perturbed
   return out, (k if need_q else None, q if need_k else None, need_v or None,
                v, weights, out)
 
 
-def _attend_keys_major_bwd(scale, residuals, g):
-  """_attend_bwd with the weights [..., M, N]."""
+def _attend_bwd(scale, keys_major, residuals, g):
   k_for_dq, scaled_q_for_dk, need_dv, v, weights, out = residuals
-  dv = None if need_dv is None else jnp.matmul(weights.astype(g.dtype), g)
-  dweights = jnp.matmul(v, jnp.swapaxes(g, -1, -2)).astype(jnp.float32)
-  row_sums = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32),
-                     axis=-1)[..., None, :]  # [..., 1, N]
-  dlogits = (weights * (dweights - row_sums)).astype(g.dtype)  # [..., M, N]
-  dq = None if k_for_dq is None else jnp.matmul(
-      jnp.swapaxes(dlogits, -1, -2), k_for_dq) * scale
-  dk = None if scaled_q_for_dk is None else jnp.matmul(
-      dlogits, scaled_q_for_dk)
+  axes, key_axis = _logits_axes(keys_major)
+  dv = None if need_dv is None else jnp.einsum(
+      f'{axes},...nv->...mv', weights.astype(g.dtype), g)
+  dweights = jnp.einsum(f'...nv,...mv->{axes}', g, v).astype(jnp.float32)
+  row_sums = jnp.expand_dims(jnp.sum(
+      g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), key_axis)
+  dlogits = (weights * (dweights - row_sums)).astype(g.dtype)
+  dq = None if k_for_dq is None else jnp.einsum(
+      f'{axes},...mk->...nk', dlogits, k_for_dq) * scale
+  dk = None if scaled_q_for_dk is None else jnp.einsum(
+      f'{axes},...nk->...mk', dlogits, scaled_q_for_dk)
   return dq, dk, dv, None
 
 
-_attend_keys_major.defvjp(_attend_keys_major_fwd, _attend_keys_major_bwd,
-                          symbolic_zeros=True)
+_attend.defvjp(_attend_fwd, _attend_bwd, symbolic_zeros=True)
 
 
 def _chunked_attention(q, k, v, mask, scale, chunk_size):
@@ -310,7 +275,7 @@ def _chunked_attention(q, k, v, mask, scale, chunk_size):
   q [B, N, H, K], k [B, M, H, K], v [B, M, H, V], mask [B', 1, N', M] or
   None -> [B, N, H, V]. Chunks are sliced out of k, v (and the mask) inside
   the loop, never copied into a chunked layout. The logits stay query-major
-  here: keys-major chunks (as in `_attend_keys_major`) were 3-5% slower at
+  here: keys-major chunks (as `_attend` can hold them) were 3-5% slower at
   bench_b's shapes.
   """
   if q.shape[2] == 1:  # No head axis, as in dot_product_attention.

@@ -106,9 +106,8 @@ def test_one_head_layouts_agree():
       jnp.array([[1, 1, 0, 1, 0, 1], [0, 0, 0, 0, 0, 0]], bool), 2, 3, 6)
 
   def attend(keys_major):
-    fn = attention._attend_keys_major if keys_major else attention._attend
-    return lambda q, k, v: fn(q[:, :, 0], k[:, :, 0], v[:, :, 0], mask[:, 0],
-                              0.5)
+    return lambda q, k, v: attention._attend(
+        q[:, :, 0], k[:, :, 0], v[:, :, 0], mask[:, 0], 0.5, keys_major)
 
   loss = lambda f: lambda *qkv: jnp.sum(jnp.sin(f(*qkv)) * 3.0)
   np.testing.assert_allclose(attend(True)(q, k, v), attend(False)(q, k, v),

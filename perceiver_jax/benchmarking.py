@@ -7,12 +7,15 @@ actually runs, forward and backward), and the peak is the best rate of a
 large matmul (float32 on CPU, bfloat16 on accelerators).
 """
 
+import ast
+import copy
+import difflib
 import functools
 import gc
 import resource
 import statistics
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -140,13 +143,16 @@ def make_step(experiment_config: ml_collections.ConfigDict, mode: str,
 
 
 def compile_step(experiment_config: ml_collections.ConfigDict, mode: str,
-                 batch_size: int) -> tuple[Callable[[], Any], dict[str, Any]]:
+                 batch_size: int,
+                 compiler_options: Optional[Mapping[str, Any]] = None
+                 ) -> tuple[Callable[[], Any], dict[str, Any]]:
   """Compiles the config's step; returns (run, measurements before running).
 
   `run()` runs one step (a train step carries its parameters and optimizer
   state to the next call); `run.compiled` is the compiled step. The
   measurements are compile_s, flops_per_step and the memory of
-  `device_memory`.
+  `device_memory`. `compiler_options` (XLA debug options such as
+  {'xla_cpu_prefer_vector_width': 512}) apply to this compilation only.
   """
   if mode not in ('train', 'forward'):
     raise ValueError(f"mode must be 'train' or 'forward', got {mode!r}.")
@@ -154,7 +160,8 @@ def compile_step(experiment_config: ml_collections.ConfigDict, mode: str,
   step, args = make_step(experiment_config, mode, batch_size)
   step_flops = flops_lib.count_flops(step, *args)
   start = time.perf_counter()
-  compiled = step.lower(*args).compile()
+  compiled = step.lower(*args).compile(
+      compiler_options=dict(compiler_options) if compiler_options else None)
   compile_s = time.perf_counter() - start
   info = dict(compile_s=compile_s, flops_per_step=step_flops,
               **device_memory(compiled))
@@ -168,6 +175,105 @@ def compile_step(experiment_config: ml_collections.ConfigDict, mode: str,
       return compiled(*state)
   run.compiled = compiled
   return run, info
+
+
+def parse_variant(spec: str) -> tuple[dict[str, str], dict[str, Any]]:
+  """Splits a variant, 'key=value key=value ...', into config overrides and
+  XLA compiler options.
+
+  Keys starting with 'xla_' are XLA debug options for the variant's
+  compilation (values read as bool, int, float or text); the others are
+  dotted paths in the experiment config, kept as text for `with_overrides`.
+
+  Raises:
+    ValueError: for an empty variant, an item that is not key=value, or a
+      key given twice.
+  """
+  overrides, options = {}, {}
+  items = spec.split()
+  if not items:
+    raise ValueError("empty variant; give key=value items, e.g. "
+                     "'model.encoder.cross_attention=direct'.")
+  for item in items:
+    key, has_value, value = item.partition('=')
+    if not has_value or not key:
+      raise ValueError(f'{item!r} in variant {spec!r} is not key=value.')
+    target = options if key.startswith('xla_') else overrides
+    if key in target:
+      raise ValueError(f'{key!r} is given twice in variant {spec!r}.')
+    target[key] = _option_value(value) if target is options else value
+  return overrides, options
+
+
+def _option_value(text: str) -> Any:
+  if text.lower() in ('true', 'false'):
+    return text.lower() == 'true'
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def with_overrides(experiment_config: ml_collections.ConfigDict,
+                   overrides: Mapping[str, str]) -> ml_collections.ConfigDict:
+  """A copy of `experiment_config` with values set from text by dotted key.
+
+  Each value is converted to the type of the one it replaces: bool
+  (true/false/1/0), int, float, str, tuple or list (Python syntax); 'none'
+  sets None; a key whose value is None takes a Python literal, or the text.
+
+  Raises:
+    ValueError: for a key not in the config (naming the closest ones), a
+      section given a value, or a value of the wrong type.
+  """
+  config = copy.deepcopy(experiment_config)
+  for key, text in overrides.items():
+    names = key.split('.')
+    node = config
+    for depth, name in enumerate(names):
+      if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+        where = '.'.join(names[:depth]) or 'the experiment config'
+        known = list(node.keys()) if isinstance(
+            node, ml_collections.ConfigDict) else []
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f'; did you mean {close}?' if close else (
+            f'; it has {sorted(known)}.' if known else
+            f' ({where} is a value, not a section).')
+        raise ValueError(f'Unknown config key {key!r}: {where} has no '
+                         f'{name!r}{hint}')
+      if depth < len(names) - 1:
+        node = node[name]
+    if isinstance(node[names[-1]], ml_collections.ConfigDict):
+      raise ValueError(f'{key!r} is a config section, not a value.')
+    node[names[-1]] = _config_value(key, text, node[names[-1]])
+  return config
+
+
+def _config_value(key: str, text: str, old: Any) -> Any:
+  """`text` as a value of the type of `old`, for `with_overrides`."""
+  if text.lower() == 'none':
+    return None
+  wrong = ValueError(f'{key}={text!r}: expected {type(old).__name__} '
+                     f'(it is {old!r}).')
+  if isinstance(old, bool):
+    if text.lower() not in ('true', 'false', '1', '0'):
+      raise wrong
+    return text.lower() in ('true', '1')
+  if isinstance(old, str):
+    return text
+  try:
+    if isinstance(old, (int, float)):
+      return type(old)(text)
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if old is None:
+      return text
+    raise wrong from None
+  if old is not None and not isinstance(value, type(old)):
+    raise wrong
+  return value
 
 
 def profile(experiment_config: ml_collections.ConfigDict, *, mode: str,
@@ -214,13 +320,15 @@ def time_alternating(fns: dict[str, Callable[[], Any]], *, warmup: int = 2,
                      steps: int = 10) -> dict[str, list[float]]:
   """Seconds per call of each function, the functions taking turns call by
   call (after `warmup` calls each), so that drifts of the machine's speed
-  reach them all alike. `fn()` may return a JAX or torch value; JAX values
-  are waited for."""
+  reach them all alike; every other round runs them in reverse order, so
+  that none always follows the same one. `fn()` may return a JAX or torch
+  value; JAX values are waited for."""
   times = {name: [] for name in fns}
+  names = list(fns)
   for i in range(warmup + steps):
-    for name, fn in fns.items():
+    for name in names if i % 2 == 0 else reversed(names):
       start = time.perf_counter()
-      jax.block_until_ready(fn())
+      jax.block_until_ready(fns[name]())
       if i >= warmup:
         times[name].append(time.perf_counter() - start)
   return times
@@ -233,8 +341,11 @@ def compare(runs: dict[str, tuple[Callable[[], Any], dict[str, Any]]], *,
 
   Args:
     runs: name -> (run, info), `info` as from `compile_step` (FLOPs and
-      memory where known). The first entry is ours: the result holds
-      `<first>_over_<name>`, its median time over each other's.
+      memory where known). The first entry is the reference: the result
+      holds `<first>_over_<name>`, its median time over each other's, and
+      `<first>_over_<name>_paired`, the median of the per-round ratios (the
+      two calls of a round run back to back, so the machine's drift between
+      rounds cancels), with their quartiles in `..._paired_iqr`.
 
   Returns:
     JSON-ready: per name the timing summary, info and rates; the ratios.
@@ -252,6 +363,10 @@ def compare(runs: dict[str, tuple[Callable[[], Any], dict[str, Any]]], *,
   for name in others:
     result[f'{first}_over_{name}'] = (result[first]['median_s'] /
                                       result[name]['median_s'])
+    ratios = [a / b for a, b in zip(times[first], times[name])]
+    result[f'{first}_over_{name}_paired'] = statistics.median(ratios)
+    result[f'{first}_over_{name}_paired_iqr'] = [
+        float(q) for q in np.percentile(ratios, [25, 75])]
   if peak is not None:
     add_mfu(result, peak)
   result['process_peak_rss_bytes'] = process_peak_rss_bytes()

@@ -11,6 +11,9 @@ r"""Benchmarks a config's training or forward step; prints one JSON line.
       --compare=hf                          # vs HuggingFace's PyTorch model
   python scripts/benchmark.py --config=configs/imagenet.py:bench_a \
       --profile=3                           # where the time goes, per module
+  python scripts/benchmark.py --config=configs/imagenet.py:bench_b \
+      --against='model.encoder.cross_attention_chunk_size=2048' \
+      --against='xla_cpu_prefer_vector_width=512'   # paired A/B in one process
 
 Reports the median step time and its spread over --steps timed steps after
 warm-up, examples/sec, compile time, FLOPs per step (2 per multiply-add,
@@ -35,6 +38,18 @@ training steps against ours, the two taking turns step by step; it prints one
 JSON line per mode with `ours_over_hf`, our median step time over HF's. HF's
 MFU counts the FLOPs of our model in the direct formulation, the one HF runs.
 It runs without huge-page malloc, for both frameworks alike.
+
+--against=VARIANT (repeatable) compiles the step once as configured (the
+baseline) and once per variant, all in this process, and times them taking
+turns step by step (the order reversed every other round); one JSON line
+with each one's measurements and `baseline_over_<variant>_paired`, the
+median over rounds of baseline time / variant time (> 1: the variant is
+faster), with its quartiles. On a machine whose speed drifts between runs
+(this project's 2-core VMs: 10-20% within minutes) this is the comparison to
+trust; separate runs are not. A variant is 'key=value key=value ...': dotted
+keys of the experiment config (e.g. `model.encoder.cross_attention=direct`,
+`training.precision=bfloat16`), and XLA options (`xla_...=value`) for that
+variant's compilation only. All variants run the same batch (--batch).
 """
 
 import copy
@@ -84,6 +99,10 @@ _PROFILE = flags.DEFINE_integer(
     'profile', None, 'Instead of timing: trace this many steps and print '
     'where the time goes, per module and pass (a table on stderr, JSON on '
     'stdout).')
+_AGAINST = flags.DEFINE_multi_string(
+    'against', None, "A variant to time against the configured step, taking "
+    "turns: 'key=value ...' with keys of the experiment config (dotted) or "
+    'XLA options (xla_...). Repeatable.')
 _COMPARE = flags.DEFINE_enum(
     'compare', None, ['hf'], 'Also time this implementation, taking turns '
     'with ours, in both modes (--mode is ignored).')
@@ -149,6 +168,38 @@ def _compare_hf(exp, batch_size: int, peaks: list[dict]) -> None:
     del runs
 
 
+def _against(exp, batch_size: int, peak: dict) -> None:
+  """The configured step against each --against variant, taking turns."""
+  from perceiver_jax.modules import perceiver
+  from perceiver_jax.training import precision
+  variants = {}
+  for spec in _AGAINST.value:
+    name = ' '.join(spec.split())
+    try:
+      overrides, options = benchmarking.parse_variant(spec)
+      config = benchmarking.with_overrides(exp, overrides)
+    except ValueError as e:
+      raise app.UsageError(f'--against={spec!r}: {e}') from None
+    if name in variants:
+      raise app.UsageError(f'--against={spec!r} is given twice.')
+    variants[name] = config, overrides, options
+  runs = {'baseline': benchmarking.compile_step(exp, _MODE.value, batch_size)}
+  for name, (config, overrides, options) in variants.items():
+    # The dtype policy is global and read when the step is traced (here).
+    precision.apply_policy(config.training.precision, [perceiver.Perceiver])
+    run, info = benchmarking.compile_step(config, _MODE.value, batch_size,
+                                          compiler_options=options)
+    info.update(overrides=overrides, compiler_options=options)
+    runs[name] = run, info
+  result = benchmarking.compare(runs, mode=_MODE.value, batch_size=batch_size,
+                                steps=_STEPS.value)
+  benchmarking.add_mfu(
+      result, benchmarking.best_peak(peak, benchmarking.peak_flops()))
+  result['config'] = _config_arg()
+  result['huge_page_malloc'] = host_memory.huge_pages_requested()
+  print(json.dumps(result), flush=True)
+
+
 def _config_arg() -> str:
   return next(
       (a.split('=', 1)[1] for a in sys.argv if a.startswith('--config=')), '')
@@ -164,6 +215,8 @@ def main(argv):
   from perceiver_jax.modules import perceiver
   precision.apply_policy(exp.training.precision, [perceiver.Perceiver])
   batch_size = _BATCH.value or exp.training.batch_size
+  if _AGAINST.value and (_COMPARE.value or _PROFILE.value is not None):
+    raise app.UsageError('--against does not go with --compare or --profile.')
   if _PROFILE.value is not None:
     if _PROFILE.value < 1 or _COMPARE.value:
       raise app.UsageError('--profile takes a number of steps >= 1 and does '
@@ -175,6 +228,9 @@ def main(argv):
     print(json.dumps(result), flush=True)
     return
   peak = benchmarking.peak_flops()
+  if _AGAINST.value:
+    _against(exp, batch_size, peak)
+    return
   if _COMPARE.value == 'hf':
     _compare_hf(exp, batch_size, [peak])
     return

@@ -2,6 +2,8 @@
 
 import os
 import socket
+import subprocess
+import sys
 
 # The repository root (scripts, configs; PYTHONPATH for subprocesses).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -12,6 +14,15 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+def run_benchmark_script(*args: str) -> subprocess.CompletedProcess:
+  """scripts/benchmark.py on the digits debug config, without huge pages."""
+  env = dict(os.environ, PERCEIVER_JAX_HUGE_PAGES='0')
+  return subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'),
+       '--config=' + os.path.join(ROOT, 'configs', 'digits.py') + ':debug',
+       *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 class ScalarRecorder:

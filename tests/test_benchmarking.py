@@ -1,5 +1,6 @@
 """The benchmark's measurements on a tiny config (values, not speed)."""
 
+import json
 import time
 
 import pytest
@@ -8,6 +9,7 @@ from configs import digits
 from configs import imagenet
 from perceiver_jax import benchmarking
 from perceiver_jax import hf_reference
+from tests import helpers
 
 
 @pytest.mark.parametrize('mode', ['forward', 'train'])
@@ -57,11 +59,14 @@ def test_compare_alternates_and_reports_ratios():
        'hf': (fake('hf', 0.02), {})},
       mode='train', batch_size=4, steps=3,
       peak={'peak_flops': 1e12, 'peak_matmul': 'given'})
-  assert calls == ['ours', 'hf'] * 5  # 2 warm-up + 3 timed turns.
+  # 2 warm-up + 3 timed rounds, every other one in reverse order.
+  assert calls == ['ours', 'hf', 'hf', 'ours'] * 2 + ['ours', 'hf']
   assert result['ours']['num_timed_steps'] == result['hf']['num_timed_steps'] == 3
   assert result['ours_over_hf'] == pytest.approx(
       result['ours']['median_s'] / result['hf']['median_s'])
   assert 0.2 < result['ours_over_hf'] < 0.9
+  low, high = result['ours_over_hf_paired_iqr']
+  assert 0.2 < low <= result['ours_over_hf_paired'] <= high < 0.9
   assert result['ours']['mfu'] == pytest.approx(
       1e9 / result['ours']['median_s'] / 1e12)
   assert 'mfu' not in result['hf']  # No FLOP count given.
@@ -94,3 +99,97 @@ def test_mfu_uses_the_best_peak_of_before_and_after():
   benchmarking.add_mfu(result, peak)
   assert result['mfu'] == 0.25 and result['ours']['mfu'] == 0.5
   assert 'mfu' not in result['hf']
+
+
+def test_parse_variant_splits_config_keys_from_xla_options():
+  overrides, options = benchmarking.parse_variant(
+      ' model.encoder.cross_attention=direct  xla_cpu_prefer_vector_width=512'
+      ' xla_cpu_enable_fast_min_max=true xla_cpu_experimental_ynn_fusion_type='
+      ' xla_made_up=1.5 ')
+  assert overrides == {'model.encoder.cross_attention': 'direct'}
+  assert options == {'xla_cpu_prefer_vector_width': 512,
+                     'xla_cpu_enable_fast_min_max': True,
+                     'xla_cpu_experimental_ynn_fusion_type': '',
+                     'xla_made_up': 1.5}
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('  ', 'empty variant'),
+    ('model.encoder.cross_attention', 'is not key=value'),
+    ('=3', 'is not key=value'),
+    ('training.seed=1 training.seed=2', 'given twice'),
+])
+def test_parse_variant_rejects(spec, message):
+  with pytest.raises(ValueError, match=message):
+    benchmarking.parse_variant(spec)
+
+
+def test_with_overrides_converts_to_the_replaced_type_on_a_copy():
+  config = imagenet.get_config('bench_a').experiment_kwargs.config
+  new = benchmarking.with_overrides(config, {
+      'model.encoder.cross_attention': 'direct',
+      'model.encoder.cross_attention_chunk_size': '2048',  # Was None.
+      'training.batch_size': '8',
+      'data.input_shape': '(32, 32, 3)',
+      'training.precision': 'bfloat16',
+  })
+  assert new.model.encoder.cross_attention == 'direct'
+  assert new.model.encoder.cross_attention_chunk_size == 2048
+  assert new.training.batch_size == 8
+  assert new.data.input_shape == (32, 32, 3)
+  assert config.model.encoder.cross_attention == 'auto'  # Untouched.
+  assert config.model.encoder.cross_attention_chunk_size is None
+  chunked = imagenet.get_config('bench_b').experiment_kwargs.config
+  assert benchmarking.with_overrides(chunked, {
+      'model.encoder.cross_attention_chunk_size': 'none'
+  }).model.encoder.cross_attention_chunk_size is None
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('model.encoder.cross_atention', 'direct',
+     r"model.encoder has no 'cross_atention'; did you mean \['cross_attention'"),
+    ('modl.encoder.x', '1', "the experiment config has no 'modl'"),
+    ('training.batch_size.x', '1', 'is a value, not a section'),
+    ('model.encoder', 'direct', 'is a config section, not a value'),
+    ('training.batch_size', 'big', r"expected int \(it is 16\)"),
+    ('data.input_shape', '[32, 32, 3]', 'expected tuple'),
+])
+def test_with_overrides_rejects(key, value, message):
+  config = imagenet.get_config('bench_a').experiment_kwargs.config
+  with pytest.raises(ValueError, match=message):
+    benchmarking.with_overrides(config, {key: value})
+
+
+def test_compile_step_passes_compiler_options():
+  config = digits.get_config('debug').experiment_kwargs.config
+  with pytest.raises(Exception, match='xla_no_such_option'):
+    benchmarking.compile_step(config, 'forward', 2,
+                              compiler_options={'xla_no_such_option': 1})
+
+
+def test_benchmark_script_against_variants():
+  out = helpers.run_benchmark_script(
+      '--mode=forward', '--batch=4', '--steps=3',
+      '--against=model.encoder.cross_attention=direct',
+      '--against=xla_cpu_enable_fast_min_max=true')
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  direct = 'model.encoder.cross_attention=direct'
+  flag = 'xla_cpu_enable_fast_min_max=true'
+  for name in ('baseline', direct, flag):
+    assert result[name]['num_timed_steps'] == 3
+    assert 0 < result[name]['mfu'] < 1
+  assert result[direct]['overrides'] == {
+      'model.encoder.cross_attention': 'direct'}
+  assert result[flag]['compiler_options'] == {
+      'xla_cpu_enable_fast_min_max': True}
+  # The direct formulation projects the whole input: more FLOPs.
+  assert result[direct]['flops_per_step'] > result['baseline'][
+      'flops_per_step'] == result[flag]['flops_per_step']
+  for name in (direct, flag):
+    assert result[f'baseline_over_{name}_paired'] > 0
+
+  bad = helpers.run_benchmark_script(
+      '--against=model.encoder.cross_atention=direct')
+  assert bad.returncode != 0
+  assert "did you mean ['cross_attention'" in bad.stderr

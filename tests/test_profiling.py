@@ -1,10 +1,6 @@
 """perceiver_jax.profiling: HLO parsing, grouping and a traced step."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +10,7 @@ from configs import digits
 from perceiver_jax import benchmarking
 from perceiver_jax import flops as flops_lib
 from perceiver_jax import profiling
+from tests import helpers
 
 
 @pytest.mark.parametrize('op_name, expected', [
@@ -117,17 +114,9 @@ def test_benchmark_profile_of_a_train_step():
   assert 'traced step' in table
 
 
-def _benchmark_script(*args):
-  root = pathlib.Path(__file__).resolve().parents[1]
-  env = dict(os.environ, PERCEIVER_JAX_HUGE_PAGES='0')
-  return subprocess.run(
-      [sys.executable, str(root / 'scripts' / 'benchmark.py'),
-       '--config=' + str(root / 'configs' / 'digits.py') + ':debug', *args],
-      cwd=root, env=env, capture_output=True, text=True, timeout=600)
-
-
 def test_benchmark_script_profile_flag():
-  out = _benchmark_script('--mode=forward', '--batch=4', '--profile=1')
+  out = helpers.run_benchmark_script('--mode=forward', '--batch=4',
+                                     '--profile=1')
   assert out.returncode == 0, out.stderr[-2000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['traced_steps'] == 1 and result['mode'] == 'forward'
@@ -135,6 +124,6 @@ def test_benchmark_script_profile_flag():
   assert 'forward' in passes and 'backward' not in passes
   assert 'GFLOP/s' in out.stderr and 'traced step' in out.stderr
 
-  bad = _benchmark_script('--profile=0')
+  bad = helpers.run_benchmark_script('--profile=0')
   assert bad.returncode != 0
   assert '--profile takes a number of steps >= 1' in bad.stderr

@@ -168,10 +168,8 @@ def _compare_hf(exp, batch_size: int, peaks: list[dict]) -> None:
     del runs
 
 
-def _against(exp, batch_size: int, peak: dict) -> None:
-  """The configured step against each --against variant, taking turns."""
-  from perceiver_jax.modules import perceiver
-  from perceiver_jax.training import precision
+def _parse_against(exp) -> dict:
+  """--against's variants: name -> (config, overrides, XLA options)."""
   variants = {}
   for spec in _AGAINST.value:
     name = ' '.join(spec.split())
@@ -183,6 +181,13 @@ def _against(exp, batch_size: int, peak: dict) -> None:
     if name in variants:
       raise app.UsageError(f'--against={spec!r} is given twice.')
     variants[name] = config, overrides, options
+  return variants
+
+
+def _against(exp, variants: dict, batch_size: int, peak: dict) -> None:
+  """The configured step against each --against variant, taking turns."""
+  from perceiver_jax.modules import perceiver
+  from perceiver_jax.training import precision
   runs = {'baseline': benchmarking.compile_step(exp, _MODE.value, batch_size)}
   for name, (config, overrides, options) in variants.items():
     # The dtype policy is global and read when the step is traced (here).
@@ -217,6 +222,7 @@ def main(argv):
   batch_size = _BATCH.value or exp.training.batch_size
   if _AGAINST.value and (_COMPARE.value or _PROFILE.value is not None):
     raise app.UsageError('--against does not go with --compare or --profile.')
+  variants = _parse_against(exp) if _AGAINST.value else None
   if _PROFILE.value is not None:
     if _PROFILE.value < 1 or _COMPARE.value:
       raise app.UsageError('--profile takes a number of steps >= 1 and does '
@@ -228,8 +234,8 @@ def main(argv):
     print(json.dumps(result), flush=True)
     return
   peak = benchmarking.peak_flops()
-  if _AGAINST.value:
-    _against(exp, batch_size, peak)
+  if variants:
+    _against(exp, variants, batch_size, peak)
     return
   if _COMPARE.value == 'hf':
     _compare_hf(exp, batch_size, [peak])

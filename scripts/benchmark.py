@@ -52,7 +52,6 @@ keys of the experiment config (e.g. `model.encoder.cross_attention=direct`,
 variant's compilation only. All variants run the same batch (--batch).
 """
 
-import copy
 import json
 import os
 import subprocess
@@ -146,10 +145,9 @@ def _compare_hf(exp, batch_size: int, peaks: list[dict]) -> None:
   from perceiver_jax import hf_reference
   if exp.training.precision != 'float32':
     raise ValueError('--compare=hf runs float32 only.')
-  direct = copy.deepcopy(exp)
-  with direct.unlocked():
-    direct.model.encoder.cross_attention = 'direct'
-    direct.model.encoder.cross_attention_chunk_size = None
+  direct = benchmarking.with_overrides(
+      exp, {'model.encoder.cross_attention': 'direct',
+            'model.encoder.cross_attention_chunk_size': 'none'})
   for mode in ('forward', 'train'):
     step, args = benchmarking.make_step(direct, mode, batch_size)
     hf_info = {'flops_per_step': flops_lib.count_flops(step, *args),

@@ -28,7 +28,11 @@ setuptools.setup(
         'numpy>=1.26',
         'scikit-learn>=1.4',
         'h5py>=3.10',
+        # OpenBLAS for perceiver_jax/kernels/cpu_matmul (compiled at first
+        # use; a C++ compiler is needed for it, XLA is used without one).
+        'scipy-openblas32>=0.3.27',
     ],
+    package_data={'perceiver_jax.kernels': ['*.cc']},
     extras_require={
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'scikit-image>=0.22',
                  'av>=12.0'],

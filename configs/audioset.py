@@ -189,7 +189,8 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   experiment = ml_collections.ConfigDict(dict(
       experiment='multilabel', data=data,
       model=dict(preprocessor=preprocessor, encoder=encoder,
-                 decoder=dict(type='average', num_classes=data.num_classes)),
+                 decoder=dict(type='average', num_classes=data.num_classes),
+                 cpu_matmul='auto'),
       optimizer=common.optimizer(
           name='lamb', base_lr=4e-3, weight_decay=0.1, clip_grad_norm=10.0,
           schedule='constant_cosine', constant_fraction=0.5),

@@ -77,6 +77,7 @@ def image_model(*, image_size: int, num_freq_bands: int = 64,
           share_latent_transformer=True, dropout_prob=0.0,
           **common.efficiency_options()),
       decoder=decoders[decoder],
+      cpu_matmul='auto',
   ))
 
 

@@ -1,7 +1,8 @@
 """Analytic FLOP counts from a function's jaxpr, without running it.
 
 FLOPs are counted as in P1 App. B: 2 per multiply-add of every matrix
-product (dot_general and convolutions); elementwise ops (softmax, GELU,
+product (dot_general, convolutions and the matrix products of our own
+kernels, perceiver_jax.kernels); elementwise ops (softmax, GELU,
 LayerNorm) are not counted. Because the count walks the jaxpr that JAX
 actually traces, it measures the formulation that runs: a reformulated
 attention shows up as fewer FLOPs, a backward pass as its own products.
@@ -11,6 +12,11 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+
+from perceiver_jax.kernels import cpu_matmul
+
+# FLOPs of the project's own custom calls, by FFI target.
+_FFI_FLOPS = {cpu_matmul.TARGET: cpu_matmul.flops}
 
 
 def _dot_general_flops(eqn) -> int:
@@ -59,6 +65,8 @@ def jaxpr_flops(jaxpr) -> int:
       total += _dot_general_flops(eqn)
     elif name == 'conv_general_dilated':
       total += _conv_flops(eqn)
+    elif name == 'ffi_call' and eqn.params['target_name'] in _FFI_FLOPS:
+      total += _FFI_FLOPS[eqn.params['target_name']](eqn)
     else:
       # Loops multiply their body's count by the trip count.
       trips = eqn.params.get('length', 1) if name == 'scan' else 1

@@ -6,6 +6,10 @@ constructor arguments of the chosen class:
     for `type='multimodal'`, `modalities` maps names to such sections.
   encoder: PerceiverEncoder arguments (num_latents, latent_dim, ...).
   decoder: `type` in DECODERS ('average' = P1, 'query' = P2 classifier).
+and one field of its own:
+  cpu_matmul: 'auto' (default), 'blas' or 'xla': how matrix products that
+    XLA:CPU runs slowly are computed (perceiver_jax.kernels.cpu_matmul).
+    Never changes results beyond float32 rounding; no effect off CPU.
 
 A preprocessor's `permutation_seed` (int or None) applies one fixed
 permutation of the M inputs after position features are attached: permuted
@@ -20,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from perceiver_jax.kernels import cpu_matmul
 from perceiver_jax.modules import perceiver
 from perceiver_jax.modules import preprocessors
 
@@ -135,8 +140,14 @@ def build_model(config: ml_collections.ConfigDict) -> perceiver.Perceiver:
 
 def make_forward(config: ml_collections.ConfigDict) -> hk.Transformed:
   """hk.transform of `inputs, is_training -> logits` for a model section."""
+  matmul_backend = config.get('cpu_matmul', 'auto')
+  if matmul_backend not in cpu_matmul.BACKENDS:
+    raise ValueError(f'model.cpu_matmul={matmul_backend!r}; expected one of '
+                     f'{cpu_matmul.BACKENDS}.')
 
   def forward(inputs: Any, is_training: bool) -> jax.Array:
-    return build_model(config)(inputs, is_training=is_training)
+    # The products are chosen while tracing, so the context wraps the trace.
+    with cpu_matmul.backend(matmul_backend):
+      return build_model(config)(inputs, is_training=is_training)
 
   return hk.transform(forward)

@@ -38,6 +38,8 @@ from typing import Any, Callable, Optional
 
 import jax
 
+from perceiver_jax.kernels import cpu_matmul
+
 # Instructions whose time is that of the instructions they run, which the
 # trace lists on their own.
 _CONTROL_FLOW = ('while', 'call', 'conditional')
@@ -50,6 +52,10 @@ _SHAPE = re.compile(r'^\w+\[([\d,]*)\]')
 _OPERAND = re.compile(r'%([\w.\-]+)')
 _CALLED = re.compile(r'\b(?:calls|to_apply)=%([\w.\-]+)')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+# perceiver_jax.kernels.cpu_matmul's products: op(a) op(b), batched.
+_KERNEL_MATMUL = re.compile(
+    r'custom_call_target="' + re.escape(cpu_matmul.TARGET) + '"')
+_TRANSPOSE_A = re.compile(r'transpose_a = true')
 _LHS_CONTRACTING = re.compile(r'lhs_contracting_dims=\{([\d,]*)\}')
 
 
@@ -95,10 +101,15 @@ def parse_hlo(text: str) -> dict[str, Instruction]:
       shapes[name] = _dims(shape)
 
   def own_flops(shape, opcode, operands, attributes) -> int:
-    if opcode != 'dot':
-      return 0
     out = _dims(shape)
     lhs = shapes.get((_OPERAND.findall(operands) or [''])[0])
+    if opcode == 'custom-call' and _KERNEL_MATMUL.search(attributes):
+      if out is None or lhs is None:
+        return 0
+      transposed = _TRANSPOSE_A.search(attributes)
+      return 2 * math.prod(out) * lhs[-2 if transposed else -1]
+    if opcode != 'dot':
+      return 0
     contracting = _LHS_CONTRACTING.search(attributes)
     if out is None or lhs is None or contracting is None:
       return 0

@@ -64,3 +64,44 @@ def test_permuted_pipeline_gives_the_same_logits():
   a, b = (p.apply({}, None, images) for p in pre)
   assert not np.allclose(a, b)
   np.testing.assert_allclose(np.sort(a, axis=1), np.sort(b, axis=1))
+
+
+@pytest.mark.parametrize('chunk_size', [None, 100])
+def test_cpu_matmul_kernel_gives_the_xla_model(chunk_size):
+  """model.cpu_matmul='blas' (products through OpenBLAS) and 'xla': the same
+  loss and gradients, with and without chunked cross-attention."""
+  from perceiver_jax import models  # pylint: disable=g-import-not-at-top
+  model = test_configs._load(  # pylint: disable=protected-access
+      'imagenet.py', 'debug').experiment_kwargs.config.model
+  images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
+  results, kernel_calls = {}, {}
+  for backend in ('xla', 'blas'):
+    config = model.copy_and_resolve_references()
+    config.cpu_matmul = backend
+    config.encoder.cross_attention_chunk_size = chunk_size
+    forward = models.make_forward(config)
+    params = forward.init(jax.random.key(1), images, is_training=True)
+    loss = lambda p: jax.numpy.sum(
+        forward.apply(p, None, images, is_training=True) ** 2)
+    step = jax.jit(jax.value_and_grad(loss))
+    kernel_calls[backend] = step.lower(params).as_text().count(
+        'perceiver_jax_cpu_matmul')
+    results[backend] = step(params)
+  assert kernel_calls['xla'] == 0 and kernel_calls['blas'] > 0
+  (loss, grads), (want_loss, want_grads) = results['blas'], results['xla']
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  # Against the largest gradient: some are 0 up to rounding (the key bias
+  # cancels in the softmax), and rounding differs between the two.
+  scale = max(np.abs(g).max() for g in jax.tree.leaves(want_grads))
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_unknown_cpu_matmul_backend_is_rejected():
+  from perceiver_jax import models  # pylint: disable=g-import-not-at-top
+  model = test_configs._load(  # pylint: disable=protected-access
+      'imagenet.py', 'debug').experiment_kwargs.config.model
+  config = model.copy_and_resolve_references()
+  config.cpu_matmul = 'blsa'
+  with pytest.raises(ValueError, match=r"model.cpu_matmul='blsa'"):
+    models.make_forward(config)

@@ -36,6 +36,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from perceiver_jax.kernels import cpu_matmul
+
 FORMULATIONS = ('auto', 'direct', 'reformulated')
 
 
@@ -167,8 +169,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   scale = 1.0 / math.sqrt(qk) if scale is None else scale
   if mask is not None:
     mask = _check_mask(mask, batch, n, m)
+  use_blas = cpu_matmul.enabled()
   if chunk_size is not None and chunk_size < m:
-    return _chunked_attention(q, k, v, mask, scale, chunk_size)
+    return _chunked_attention(q, k, v, mask, scale, chunk_size, use_blas)
   if mask is None and jax.default_backend() == 'gpu':
     # cuDNN flash attention where the shapes and dtype allow it.
     return jax.nn.dot_product_attention(q, k, v, scale=scale)
@@ -178,15 +181,27 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     # Logits keys-major on CPU (see _attend).
     keys_major = jax.default_backend() == 'cpu'
     return _attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], mask, scale,
-                   keys_major)[:, :, None]
+                   keys_major, use_blas)[:, :, None]
   # Head-first batched matmuls: faster than [B, N, H, K] einsums on CPU.
   out = _attend(jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2),
-                jnp.swapaxes(v, 1, 2), mask, scale)  # [B, H, N, V]
+                jnp.swapaxes(v, 1, 2), mask, scale, False,
+                use_blas)  # [B, H, N, V]
   return jnp.swapaxes(out, 1, 2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attend(q, k, v, mask, scale, keys_major=False):
+def _product(use_blas: bool):
+  """The einsum of the attention and linear products (forward and
+  backward): `cpu_matmul.einsum`, which runs batched matrix products through
+  OpenBLAS where `use_blas` (decided by `cpu_matmul.enabled()` when the
+  forward pass is traced, then carried to the backward pass). On bench_a's
+  training step, XLA:CPU ran self-attention's per-head products at 40-50
+  GFLOP/s; through the kernel the step took 0.91x as long (README).
+  """
+  return functools.partial(cpu_matmul.einsum, use_blas=use_blas)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attend(q, k, v, mask, scale, keys_major, use_blas):
   """softmax(q k^T scale) v for q [..., N, K], k [..., M, K], v [..., M, V]
   and a mask broadcastable to [..., N, M] (or None); the leading axes are
   [B, H] (head-first) or [B] (one head). Queries with no real key give 0.
@@ -203,8 +218,10 @@ def _attend(q, k, v, mask, scale, keys_major=False):
   (weights^T v, against 93) and 126 (the backward's dlogits^T k, against
   99), and forward + backward took 115 ms instead of 160 (same process,
   alternating).
+
+  use_blas: the products run through `cpu_matmul` (see `_product`).
   """
-  return _attend_fwd(q, k, v, mask, scale, keys_major)[0]
+  return _attend_fwd(q, k, v, mask, scale, keys_major, use_blas)[0]
 
 
 def _logits_axes(keys_major: bool) -> tuple[str, int]:
@@ -226,14 +243,15 @@ def _unbroadcast(q, k):
   return q + 0.0 * k[..., :1, :1]
 
 
-def _attend_fwd(q, k, v, mask, scale, keys_major):
+def _attend_fwd(q, k, v, mask, scale, keys_major, use_blas):
+  einsum = _product(use_blas)
   perturbed = [getattr(t, 'perturbed', True) for t in (q, k, v)]
   q, k, v, mask = [getattr(t, 'value', t) for t in (q, k, v, mask)]
   axes, key_axis = _logits_axes(keys_major)
   q = q * scale
   if keys_major:
     q = _unbroadcast(q, k)
-  logits = jnp.einsum(f'...nk,...mk->{axes}', q, k).astype(jnp.float32)
+  logits = einsum(f'...nk,...mk->{axes}', q, k).astype(jnp.float32)
   if mask is None:
     weights = jax.nn.softmax(logits, axis=key_axis)
   else:
@@ -243,25 +261,26 @@ def _attend_fwd(q, k, v, mask, scale, keys_major):
     # A query with no real key would otherwise spread weight uniformly.
     weights = jnp.where(jnp.any(mask, axis=key_axis, keepdims=True),
                         jax.nn.softmax(logits, axis=key_axis), 0.0)
-  out = jnp.einsum(f'{axes},...mv->...nv', weights.astype(v.dtype), v)
+  out = einsum(f'{axes},...mv->...nv', weights.astype(v.dtype), v)
   # None marks a gradient that is not needed (symbolic zeros).
   need_q, need_k, need_v = perturbed
   return out, (k if need_q else None, q if need_k else None, need_v or None,
                v, weights, out)
 
 
-def _attend_bwd(scale, keys_major, residuals, g):
+def _attend_bwd(scale, keys_major, use_blas, residuals, g):
+  einsum = _product(use_blas)
   k_for_dq, scaled_q_for_dk, need_dv, v, weights, out = residuals
   axes, key_axis = _logits_axes(keys_major)
-  dv = None if need_dv is None else jnp.einsum(
+  dv = None if need_dv is None else einsum(
       f'{axes},...nv->...mv', weights.astype(g.dtype), g)
-  dweights = jnp.einsum(f'...nv,...mv->{axes}', g, v).astype(jnp.float32)
+  dweights = einsum(f'...nv,...mv->{axes}', g, v).astype(jnp.float32)
   row_sums = jnp.expand_dims(jnp.sum(
       g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), key_axis)
   dlogits = (weights * (dweights - row_sums)).astype(g.dtype)
-  dq = None if k_for_dq is None else jnp.einsum(
+  dq = None if k_for_dq is None else einsum(
       f'{axes},...mk->...nk', dlogits, k_for_dq) * scale
-  dk = None if scaled_q_for_dk is None else jnp.einsum(
+  dk = None if scaled_q_for_dk is None else einsum(
       f'{axes},...nk->...mk', dlogits, scaled_q_for_dk)
   return dq, dk, dv, None
 
@@ -269,7 +288,7 @@ def _attend_bwd(scale, keys_major, residuals, g):
 _attend.defvjp(_attend_fwd, _attend_bwd, symbolic_zeros=True)
 
 
-def _chunked_attention(q, k, v, mask, scale, chunk_size):
+def _chunked_attention(q, k, v, mask, scale, chunk_size, use_blas):
   """dot_product_attention over chunks of M with an online softmax.
 
   q [B, N, H, K], k [B, M, H, K], v [B, M, H, V], mask [B', 1, N', M] or
@@ -281,11 +300,12 @@ def _chunked_attention(q, k, v, mask, scale, chunk_size):
   if q.shape[2] == 1:  # No head axis, as in dot_product_attention.
     mask = None if mask is None else mask[:, 0]  # [B', N', M]
     out = _chunked(q[:, :, 0], k[:, :, 0], v[:, :, 0], mask, scale,
-                   chunk_size, _ChunkSpecs('bnk', 'bck', 'bcv', 'bnc'))
+                   chunk_size, _ChunkSpecs('bnk', 'bck', 'bcv', 'bnc'),
+                   use_blas)
     return out[:, :, None]
   # Head-first queries and logits, as in dot_product_attention.
   out = _chunked(jnp.swapaxes(q, 1, 2), k, v, mask, scale, chunk_size,
-                 _ChunkSpecs('bhnk', 'bchk', 'bchv', 'bhnc'))
+                 _ChunkSpecs('bhnk', 'bchk', 'bchv', 'bhnc'), use_blas)
   return jnp.swapaxes(out, 1, 2)
 
 
@@ -308,8 +328,8 @@ class _ChunkSpecs(NamedTuple):
     return self.logits.index('c')
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked(q, k, v, mask, scale, chunk_size, specs):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _chunked(q, k, v, mask, scale, chunk_size, specs, use_blas):
   """softmax(q k^T scale) v in chunks of M; arrays laid out as `specs` says.
 
   The mask (or None) is laid out as the logits, with all of M for c.
@@ -317,7 +337,7 @@ def _chunked(q, k, v, mask, scale, chunk_size, specs):
   recomputes each chunk's weights from the saved log-sum-exp of every
   query's logits, as FlashAttention does.
   """
-  return _chunked_fwd(q, k, v, mask, scale, chunk_size, specs)[0]
+  return _chunked_fwd(q, k, v, mask, scale, chunk_size, specs, use_blas)[0]
 
 
 def _chunk_scan(step, carry, m, chunk_size):
@@ -330,16 +350,17 @@ def _chunk_scan(step, carry, m, chunk_size):
   return carry
 
 
-def _chunk_logits(q, k, v, mask, start, size, specs):
+def _chunk_logits(q, k, v, mask, start, size, specs, einsum):
   """A chunk's keys, values, mask (or None) and float32 logits."""
   kc, vc = (jax.lax.dynamic_slice_in_dim(x, start, size, 1) for x in (k, v))
   mc = None if mask is None else jax.lax.dynamic_slice_in_dim(
       mask, start, size, specs.chunk_axis)
-  logits = jnp.einsum(f'{specs.q},{specs.k}->{specs.logits}', q, kc)
+  logits = einsum(f'{specs.q},{specs.k}->{specs.logits}', q, kc)
   return kc, vc, mc, logits.astype(jnp.float32)
 
 
-def _chunked_fwd(q, k, v, mask, scale, chunk_size, specs):
+def _chunked_fwd(q, k, v, mask, scale, chunk_size, specs, use_blas):
+  einsum = _product(use_blas)
   need = [getattr(t, 'perturbed', True) for t in (q, k, v)]
   q, k, v, mask = [getattr(t, 'value', t) for t in (q, k, v, mask)]
   q = q * scale
@@ -349,7 +370,8 @@ def _chunked_fwd(q, k, v, mask, scale, chunk_size, specs):
 
   def step(carry, start, size):
     running_max, denom, acc = carry  # lead, lead, lead + [V]
-    _, vc, mc, logits = _chunk_logits(q, k, v, mask, start, size, specs)
+    _, vc, mc, logits = _chunk_logits(q, k, v, mask, start, size, specs,
+                                        einsum)
     if mc is not None:
       logits = jnp.where(mc, logits, lowest)
     new_max = jnp.maximum(running_max, jnp.max(logits, axis=axis))
@@ -358,7 +380,7 @@ def _chunked_fwd(q, k, v, mask, scale, chunk_size, specs):
       p = jnp.where(mc, p, 0.0)
     correction = jnp.exp(running_max - new_max)
     denom = denom * correction + jnp.sum(p, axis=axis)
-    acc = acc * correction[..., None] + jnp.einsum(
+    acc = acc * correction[..., None] + einsum(
         f'{specs.logits},{specs.v}->{specs.out}', p.astype(v.dtype),
         vc).astype(jnp.float32)
     return new_max, denom, acc
@@ -376,7 +398,8 @@ def _chunked_fwd(q, k, v, mask, scale, chunk_size, specs):
   return out, (q, k, v, mask, out, log_sum, need)
 
 
-def _chunked_bwd(scale, chunk_size, specs, residuals, g):
+def _chunked_bwd(scale, chunk_size, specs, use_blas, residuals, g):
+  einsum = _product(use_blas)
   q, k, v, mask, out, log_sum, (need_q, need_k, need_v) = residuals
   axis = specs.chunk_axis
   # The softmax's row sums, sum_m dP * P = sum_v dO * O (as in _attend_bwd).
@@ -385,22 +408,23 @@ def _chunked_bwd(scale, chunk_size, specs, residuals, g):
 
   def step(carry, start, size):
     dq, dk, dv = carry
-    kc, vc, mc, logits = _chunk_logits(q, k, v, mask, start, size, specs)
+    kc, vc, mc, logits = _chunk_logits(q, k, v, mask, start, size, specs,
+                                        einsum)
     p = jnp.exp(logits - log_sum)  # The weights.
     if mc is not None:
       p = jnp.where(mc, p, 0.0)
-    dp = jnp.einsum(f'{specs.out},{specs.v}->{specs.logits}', g,
+    dp = einsum(f'{specs.out},{specs.v}->{specs.logits}', g,
                     vc).astype(jnp.float32)
     dlogits = (p * (dp - row_sums)).astype(g.dtype)
     if need_q:
-      dq = dq + jnp.einsum(f'{specs.logits},{specs.k}->{specs.q}', dlogits,
+      dq = dq + einsum(f'{specs.logits},{specs.k}->{specs.q}', dlogits,
                            kc).astype(jnp.float32)
     if need_k:
-      dk = jax.lax.dynamic_update_slice_in_dim(dk, jnp.einsum(
+      dk = jax.lax.dynamic_update_slice_in_dim(dk, einsum(
           f'{specs.logits},{specs.q}->{specs.k}', dlogits, q).astype(
               dk.dtype), start, 1)
     if need_v:
-      dv = jax.lax.dynamic_update_slice_in_dim(dv, jnp.einsum(
+      dv = jax.lax.dynamic_update_slice_in_dim(dv, einsum(
           f'{specs.logits},{specs.out}->{specs.v}', p.astype(g.dtype),
           g).astype(dv.dtype), start, 1)
     return dq, dk, dv
@@ -448,9 +472,14 @@ class Dense(hk.Module):
     return linear(x, w.astype(x.dtype), b.astype(x.dtype))
 
 
-@jax.custom_vjp
 def linear(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
   """x W + b for x [..., C_in], W [C_in, C_out], b [C_out]."""
+  return _linear(x, w, b, cpu_matmul.enabled())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _linear(x, w, b, use_blas):
+  del use_blas  # Only the weight gradient runs through cpu_matmul.
   return jnp.dot(x, w) + b
 
 
@@ -463,23 +492,23 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
 # neither run nor counted in FLOPs.
 
 
-def _linear_fwd(x, w, b):
+def _linear_fwd(x, w, b, use_blas):
   # Residuals hold None where no gradient is needed (symbolic zeros).
-  out = linear(x.value, w.value, b.value)
+  out = _linear(x.value, w.value, b.value, use_blas)
   return out, (w.value if x.perturbed else None,
                x.value if w.perturbed else None)
 
 
-def _linear_bwd(residuals, g):
+def _linear_bwd(use_blas, residuals, g):
   w_for_dx, x_for_dw = residuals
   g2 = g.reshape(-1, g.shape[-1])
   dx = None if w_for_dx is None else jnp.dot(g, w_for_dx.T)
-  dw = None if x_for_dw is None else jax.lax.dot_general(
-      x_for_dw.reshape(-1, x_for_dw.shape[-1]), g2, (((0,), (0,)), ((), ())))
+  dw = None if x_for_dw is None else _product(use_blas)(
+      'ri,ro->io', x_for_dw.reshape(-1, x_for_dw.shape[-1]), g2)
   return dx, dw, jnp.sum(g2, axis=0)  # db: cheap, dropped by XLA if unused.
 
 
-linear.defvjp(_linear_fwd, _linear_bwd, symbolic_zeros=True)
+_linear.defvjp(_linear_fwd, _linear_bwd, symbolic_zeros=True)
 
 
 class MLP(hk.Module):

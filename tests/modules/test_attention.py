@@ -95,7 +95,8 @@ def test_chunked_gradient_keeps_no_copy_of_the_keys(heads):
   assert temp < kv.nbytes / 2
 
 
-def test_one_head_layouts_agree():
+@pytest.mark.parametrize('use_blas', [False, True])
+def test_one_head_layouts_agree(use_blas):
   """One head: logits held keys-major [B, M, N] (on CPU) or [B, N, M] (on
   other backends) give the same outputs and gradients."""
   rng = np.random.default_rng(4)
@@ -107,7 +108,8 @@ def test_one_head_layouts_agree():
 
   def attend(keys_major):
     return lambda q, k, v: attention._attend(
-        q[:, :, 0], k[:, :, 0], v[:, :, 0], mask[:, 0], 0.5, keys_major)
+        q[:, :, 0], k[:, :, 0], v[:, :, 0], mask[:, 0], 0.5, keys_major,
+        use_blas)
 
   loss = lambda f: lambda *qkv: jnp.sum(jnp.sin(f(*qkv)) * 3.0)
   np.testing.assert_allclose(attend(True)(q, k, v), attend(False)(q, k, v),

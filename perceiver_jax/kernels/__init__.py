@@ -1,0 +1,1 @@
+"""Hand-written kernels for what XLA compiles slowly (see each module)."""

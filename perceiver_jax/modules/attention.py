@@ -7,7 +7,9 @@ Shape letters:
   K: qk channels per head. V: v channels per head.    c: chunk of M.
 
 Every block calls `dot_product_attention`, the one place that computes
-softmax(q k^T / sqrt(K)) v, so it can be swapped for a fused kernel.
+softmax(q k^T / sqrt(K)) v, so it can be swapped for a fused kernel. On CPU
+its products, and the weight gradients of `linear`, run through OpenBLAS
+(perceiver_jax.kernels.cpu_matmul) unless the model's `cpu_matmul` is 'xla'.
 
 Cross-attention has two exact formulations (`formulation=`):
   'direct':        k = x W_k + b_k and v = x W_v + b_v over all M inputs.
@@ -195,7 +197,7 @@ def _product(use_blas: bool):
   OpenBLAS where `use_blas` (decided by `cpu_matmul.enabled()` when the
   forward pass is traced, then carried to the backward pass). On bench_a's
   training step, XLA:CPU ran self-attention's per-head products at 40-50
-  GFLOP/s; through the kernel the step took 0.91x as long (README).
+  GFLOP/s; through the kernel the step took 0.86-0.91x as long (README).
   """
   return functools.partial(cpu_matmul.einsum, use_blas=use_blas)
 

@@ -216,15 +216,37 @@ def _register() -> None:
   if 'library' in _built:
     return
   try:
-    library = ctypes.CDLL(str(build()))
+    library = load()
     jax.ffi.register_ffi_target(
         TARGET, jax.ffi.pycapsule(getattr(library, _HANDLER)),
         platform='cpu')
-  except (BuildError, OSError, AttributeError) as e:
+  except (BuildError, AttributeError) as e:
     error = e if isinstance(e, BuildError) else BuildError(str(e))
     _built['error'] = error
     raise error from e
   _built['library'] = library
+
+
+def load(cache_dir: Optional[str] = None) -> ctypes.CDLL:
+  """The kernel's shared library, built (see `build`) and loaded.
+
+  A cached file that does not load (cut short by a full disk, or copied from
+  another machine) is deleted and built again, once.
+
+  Raises:
+    BuildError: the kernel cannot be built, or the rebuilt file not loaded.
+  """
+  path = build(cache_dir)
+  try:
+    return ctypes.CDLL(str(path))
+  except OSError as e:
+    logging.warning('Rebuilding %s, which does not load: %s', path, e)
+    path.unlink(missing_ok=True)
+  path = build(cache_dir)
+  try:
+    return ctypes.CDLL(str(path))
+  except OSError as e:
+    raise BuildError(f'{path} was built but does not load: {e}') from e
 
 
 def build(cache_dir: Optional[str] = None,

@@ -206,3 +206,11 @@ def test_build_errors_say_what_failed(tmp_path):
                      match=r'(?s)failed \(exit 3\).*error: broken'):
     cpu_matmul.build(cache_dir=str(tmp_path), compiler=str(failing))
   assert not os.listdir(tmp_path / 'kernels')  # No partial file left.
+
+
+def test_a_cached_library_that_does_not_load_is_rebuilt(tmp_path):
+  path = cpu_matmul.build(cache_dir=str(tmp_path))
+  path.write_bytes(b'not a shared library')  # E.g. cut short elsewhere.
+  library = cpu_matmul.load(cache_dir=str(tmp_path))
+  assert hasattr(library, 'PerceiverJaxCpuMatmul')
+  assert path.read_bytes() != b'not a shared library'

@@ -26,6 +26,7 @@ import optax
 from perceiver_jax import flops as flops_lib
 from perceiver_jax import models
 from perceiver_jax import profiling
+from perceiver_jax.kernels import cpu_matmul
 from perceiver_jax.training import losses
 from perceiver_jax.training import optimizers
 
@@ -150,8 +151,9 @@ def compile_step(experiment_config: ml_collections.ConfigDict, mode: str,
 
   `run()` runs one step (a train step carries its parameters and optimizer
   state to the next call); `run.compiled` is the compiled step. The
-  measurements are compile_s, flops_per_step and the memory of
-  `device_memory`. `compiler_options` (XLA debug options such as
+  measurements are compile_s, flops_per_step, cpu_matmul_calls (products
+  compiled to the OpenBLAS kernel, perceiver_jax.kernels.cpu_matmul) and the
+  memory of `device_memory`. `compiler_options` (XLA debug options such as
   {'xla_cpu_prefer_vector_width': 512}) apply to this compilation only.
   """
   if mode not in ('train', 'forward'):
@@ -164,6 +166,8 @@ def compile_step(experiment_config: ml_collections.ConfigDict, mode: str,
       compiler_options=dict(compiler_options) if compiler_options else None)
   compile_s = time.perf_counter() - start
   info = dict(compile_s=compile_s, flops_per_step=step_flops,
+              cpu_matmul_calls=compiled.as_text().count(
+                  f'custom_call_target="{cpu_matmul.TARGET}"'),
               **device_memory(compiled))
   state = list(args)
   if mode == 'train':

@@ -9,8 +9,9 @@ over XLA's intra-op threads (README, Performance, for the measurements).
 `matmul(a, b, transpose_a=, transpose_b=, use_blas=)` computes op(a) op(b)
 over leading batch axes, through the kernel or through XLA: the same numbers
 up to float32 rounding; `einsum(subscripts, a, b, use_blas=)` is jnp.einsum
-that takes the kernel where the equation is such a product. Callers decide with `enabled()`, which reads the
-backend set by the innermost `backend(name)` context:
+that takes the kernel where the equation is such a product. Callers decide
+with `enabled()`, which reads the backend set by the innermost
+`backend(name)` context:
   'auto' (default): the kernel when JAX's default backend is the CPU and the
     kernel builds; XLA otherwise (with one warning if the build failed).
   'blas': as 'auto', but a failed build raises `BuildError`.

@@ -221,7 +221,7 @@ def _register() -> None:
     jax.ffi.register_ffi_target(
         TARGET, jax.ffi.pycapsule(getattr(library, _HANDLER)),
         platform='cpu')
-  except (BuildError, AttributeError) as e:
+  except (BuildError, OSError, AttributeError) as e:
     error = e if isinstance(e, BuildError) else BuildError(str(e))
     _built['error'] = error
     raise error from e
@@ -242,7 +242,11 @@ def load(cache_dir: Optional[str] = None) -> ctypes.CDLL:
     return ctypes.CDLL(str(path))
   except OSError as e:
     logging.warning('Rebuilding %s, which does not load: %s', path, e)
-    path.unlink(missing_ok=True)
+    try:
+      path.unlink(missing_ok=True)
+    except OSError as unlink_error:
+      raise BuildError(f'{path} does not load ({e}) and cannot be removed '
+                       f'({unlink_error}).') from unlink_error
   path = build(cache_dir)
   try:
     return ctypes.CDLL(str(path))
@@ -260,8 +264,8 @@ def build(cache_dir: Optional[str] = None,
     compiler: the C++ compiler; default $CXX, else c++.
 
   Raises:
-    BuildError: no OpenBLAS wheel, no compiler, or the compilation failed
-      (the compiler's messages included).
+    BuildError: no OpenBLAS wheel, an unwritable cache, no compiler, or the
+      compilation failed (the compiler's messages included).
   """
   try:
     import scipy_openblas32  # pylint: disable=g-import-not-at-top
@@ -286,8 +290,12 @@ def build(cache_dir: Optional[str] = None,
   path = out_dir / f'cpu_matmul-{key.hexdigest()[:16]}.so'
   if path.exists():
     return path
-  out_dir.mkdir(parents=True, exist_ok=True)
-  fd, partial = tempfile.mkstemp(dir=out_dir, suffix='.so.partial')
+  try:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=out_dir, suffix='.so.partial')
+  except OSError as e:
+    raise BuildError(f'cannot write to {out_dir} ({e}); set '
+                     'PERCEIVER_JAX_CACHE to a writable folder.') from e
   os.close(fd)
   command = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC',
              '-isystem', ffi_include, '-isystem', blas_include, str(_SOURCE),

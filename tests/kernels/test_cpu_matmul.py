@@ -214,3 +214,10 @@ def test_a_cached_library_that_does_not_load_is_rebuilt(tmp_path):
   library = cpu_matmul.load(cache_dir=str(tmp_path))
   assert hasattr(library, 'PerceiverJaxCpuMatmul')
   assert path.read_bytes() != b'not a shared library'
+
+
+def test_an_unwritable_cache_is_a_build_error(tmp_path):
+  not_a_folder = tmp_path / 'file'
+  not_a_folder.write_text('')
+  with pytest.raises(cpu_matmul.BuildError, match='PERCEIVER_JAX_CACHE'):
+    cpu_matmul.build(cache_dir=str(not_a_folder))

@@ -166,8 +166,7 @@ def compile_step(experiment_config: ml_collections.ConfigDict, mode: str,
       compiler_options=dict(compiler_options) if compiler_options else None)
   compile_s = time.perf_counter() - start
   info = dict(compile_s=compile_s, flops_per_step=step_flops,
-              cpu_matmul_calls=compiled.as_text().count(
-                  f'custom_call_target="{cpu_matmul.TARGET}"'),
+              cpu_matmul_calls=compiled.as_text().count(cpu_matmul.HLO_CALL),
               **device_memory(compiled))
   state = list(args)
   if mode == 'train':

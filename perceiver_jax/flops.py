@@ -15,9 +15,6 @@ import numpy as np
 
 from perceiver_jax.kernels import cpu_matmul
 
-# FLOPs of the project's own custom calls, by FFI target.
-_FFI_FLOPS = {cpu_matmul.TARGET: cpu_matmul.flops}
-
 
 def _dot_general_flops(eqn) -> int:
   lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
@@ -65,8 +62,8 @@ def jaxpr_flops(jaxpr) -> int:
       total += _dot_general_flops(eqn)
     elif name == 'conv_general_dilated':
       total += _conv_flops(eqn)
-    elif name == 'ffi_call' and eqn.params['target_name'] in _FFI_FLOPS:
-      total += _FFI_FLOPS[eqn.params['target_name']](eqn)
+    elif name == 'ffi_call' and eqn.params['target_name'] == cpu_matmul.TARGET:
+      total += cpu_matmul.flops(eqn)
     else:
       # Loops multiply their body's count by the trip count.
       trips = eqn.params.get('length', 1) if name == 'scan' else 1

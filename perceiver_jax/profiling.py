@@ -52,9 +52,6 @@ _SHAPE = re.compile(r'^\w+\[([\d,]*)\]')
 _OPERAND = re.compile(r'%([\w.\-]+)')
 _CALLED = re.compile(r'\b(?:calls|to_apply)=%([\w.\-]+)')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
-# perceiver_jax.kernels.cpu_matmul's products: op(a) op(b), batched.
-_KERNEL_MATMUL = re.compile(
-    r'custom_call_target="' + re.escape(cpu_matmul.TARGET) + '"')
 _TRANSPOSE_A = re.compile(r'transpose_a = true')
 _LHS_CONTRACTING = re.compile(r'lhs_contracting_dims=\{([\d,]*)\}')
 
@@ -103,7 +100,8 @@ def parse_hlo(text: str) -> dict[str, Instruction]:
   def own_flops(shape, opcode, operands, attributes) -> int:
     out = _dims(shape)
     lhs = shapes.get((_OPERAND.findall(operands) or [''])[0])
-    if opcode == 'custom-call' and _KERNEL_MATMUL.search(attributes):
+    # cpu_matmul's products: op(a) op(b), batched.
+    if opcode == 'custom-call' and cpu_matmul.HLO_CALL in attributes:
       if out is None or lhs is None:
         return 0
       transposed = _TRANSPOSE_A.search(attributes)

@@ -33,6 +33,7 @@ import contextvars
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import pathlib
 import subprocess
@@ -44,6 +45,8 @@ import jax
 import jax.numpy as jnp
 
 TARGET = 'perceiver_jax_cpu_matmul'
+# How a call of the kernel reads in compiled HLO text.
+HLO_CALL = f'custom_call_target="{TARGET}"'
 BACKENDS = ('auto', 'blas', 'xla')
 _SOURCE = pathlib.Path(__file__).with_name('cpu_matmul.cc')
 _HANDLER = 'PerceiverJaxCpuMatmul'
@@ -204,10 +207,7 @@ def flops(eqn) -> int:
   a = eqn.invars[0].aval.shape
   transpose_a = dict(eqn.params['attributes'])['transpose_a']
   k = a[-2] if transpose_a else a[-1]
-  out_size = 1
-  for size in eqn.params['result_avals'][0].shape:
-    out_size *= size
-  return 2 * out_size * k
+  return 2 * math.prod(eqn.params['result_avals'][0].shape) * k
 
 
 def _register() -> None:

@@ -416,11 +416,11 @@ def _chunked_bwd(scale, chunk_size, specs, use_blas, residuals, g):
     if mc is not None:
       p = jnp.where(mc, p, 0.0)
     dp = einsum(f'{specs.out},{specs.v}->{specs.logits}', g,
-                    vc).astype(jnp.float32)
+                vc).astype(jnp.float32)
     dlogits = (p * (dp - row_sums)).astype(g.dtype)
     if need_q:
       dq = dq + einsum(f'{specs.logits},{specs.k}->{specs.q}', dlogits,
-                           kc).astype(jnp.float32)
+                       kc).astype(jnp.float32)
     if need_k:
       dk = jax.lax.dynamic_update_slice_in_dim(dk, einsum(
           f'{specs.logits},{specs.q}->{specs.k}', dlogits, q).astype(

@@ -32,7 +32,7 @@ setuptools.setup(
         # use; a C++ compiler is needed for it, XLA is used without one).
         'scipy-openblas32>=0.3.27',
     ],
-    package_data={'perceiver_jax.kernels': ['*.cc']},
+    package_data={'perceiver_jax.kernels': ['*.cc', '*.h']},
     extras_require={
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'scikit-image>=0.22',
                  'av>=12.0'],

@@ -53,6 +53,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
               **common.efficiency_options()),
           decoder=dict(type='average', num_classes=10),
           cpu_matmul='auto',
+          fused_cpu_attention=True,
       ),
       optimizer=common.optimizer(
           name='lamb', base_lr=4e-3, weight_decay=1e-2, clip_grad_norm=10.0,

@@ -78,6 +78,7 @@ def image_model(*, image_size: int, num_freq_bands: int = 64,
           **common.efficiency_options()),
       decoder=decoders[decoder],
       cpu_matmul='auto',
+      fused_cpu_attention=True,
   ))
 
 

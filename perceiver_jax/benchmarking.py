@@ -26,6 +26,7 @@ import optax
 from perceiver_jax import flops as flops_lib
 from perceiver_jax import models
 from perceiver_jax import profiling
+from perceiver_jax.kernels import cpu_attention
 from perceiver_jax.kernels import cpu_matmul
 from perceiver_jax.training import losses
 from perceiver_jax.training import optimizers
@@ -152,7 +153,9 @@ def compile_step(experiment_config: ml_collections.ConfigDict, mode: str,
   `run()` runs one step (a train step carries its parameters and optimizer
   state to the next call); `run.compiled` is the compiled step. The
   measurements are compile_s, flops_per_step, cpu_matmul_calls (products
-  compiled to the OpenBLAS kernel, perceiver_jax.kernels.cpu_matmul) and the
+  compiled to the OpenBLAS kernel, perceiver_jax.kernels.cpu_matmul),
+  cpu_attention_calls (forward and backward calls of the fused attention
+  kernel, perceiver_jax.kernels.cpu_attention) and the
   memory of `device_memory`. `compiler_options` (XLA debug options such as
   {'xla_cpu_prefer_vector_width': 512}) apply to this compilation only.
   """
@@ -165,8 +168,11 @@ def compile_step(experiment_config: ml_collections.ConfigDict, mode: str,
   compiled = step.lower(*args).compile(
       compiler_options=dict(compiler_options) if compiler_options else None)
   compile_s = time.perf_counter() - start
+  hlo = compiled.as_text()
   info = dict(compile_s=compile_s, flops_per_step=step_flops,
-              cpu_matmul_calls=compiled.as_text().count(cpu_matmul.HLO_CALL),
+              cpu_matmul_calls=hlo.count(cpu_matmul.HLO_CALL),
+              cpu_attention_calls=sum(
+                  hlo.count(call) for call in cpu_attention.HLO_CALLS),
               **device_memory(compiled))
   state = list(args)
   if mode == 'train':

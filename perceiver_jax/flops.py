@@ -11,8 +11,10 @@ attention shows up as fewer FLOPs, a backward pass as its own products.
 from typing import Any, Callable
 
 import jax
+import jax.extend  # Not imported by `import jax`; used for jaxpr types.
 import numpy as np
 
+from perceiver_jax.kernels import cpu_attention
 from perceiver_jax.kernels import cpu_matmul
 
 
@@ -64,6 +66,11 @@ def jaxpr_flops(jaxpr) -> int:
       total += _conv_flops(eqn)
     elif name == 'ffi_call' and eqn.params['target_name'] == cpu_matmul.TARGET:
       total += cpu_matmul.flops(eqn)
+    elif name == 'ffi_call' and (
+        eqn.params['target_name'] in cpu_attention.TARGETS):
+      total += cpu_attention.flops(eqn.params['target_name'],
+                                   *(v.aval.shape for v in eqn.invars[:3]),
+                                   **dict(eqn.params['attributes']))
     else:
       # Loops multiply their body's count by the trip count.
       trips = eqn.params.get('length', 1) if name == 'scan' else 1

@@ -6,10 +6,13 @@ constructor arguments of the chosen class:
     for `type='multimodal'`, `modalities` maps names to such sections.
   encoder: PerceiverEncoder arguments (num_latents, latent_dim, ...).
   decoder: `type` in DECODERS ('average' = P1, 'query' = P2 classifier).
-and one field of its own:
+and two fields of their own (neither changes results beyond float32
+rounding; neither has an effect off CPU):
   cpu_matmul: 'auto' (default), 'blas' or 'xla': how matrix products that
     XLA:CPU runs slowly are computed (perceiver_jax.kernels.cpu_matmul).
-    Never changes results beyond float32 rounding; no effect off CPU.
+  fused_cpu_attention: True (default): unmasked float32 attention runs as
+    one fused kernel per pass (perceiver_jax.kernels.cpu_attention) where
+    cpu_matmul allows OpenBLAS; False: as separate products and softmax.
 
 A preprocessor's `permutation_seed` (int or None) applies one fixed
 permutation of the M inputs after position features are attached: permuted
@@ -24,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from perceiver_jax.kernels import cpu_attention
 from perceiver_jax.kernels import cpu_matmul
 from perceiver_jax.modules import perceiver
 from perceiver_jax.modules import preprocessors
@@ -145,9 +149,15 @@ def make_forward(config: ml_collections.ConfigDict) -> hk.Transformed:
     raise ValueError(f'model.cpu_matmul={matmul_backend!r}; expected one of '
                      f'{cpu_matmul.BACKENDS}.')
 
+  fused_attention = config.get('fused_cpu_attention', True)
+  if not isinstance(fused_attention, bool):
+    raise ValueError(f'model.fused_cpu_attention={fused_attention!r}; '
+                     'expected True or False.')
+
   def forward(inputs: Any, is_training: bool) -> jax.Array:
-    # The products are chosen while tracing, so the context wraps the trace.
-    with cpu_matmul.backend(matmul_backend):
+    # The kernels are chosen while tracing, so the contexts wrap the trace.
+    with cpu_matmul.backend(matmul_backend), cpu_attention.fused(
+        fused_attention):
       return build_model(config)(inputs, is_training=is_training)
 
   return hk.transform(forward)

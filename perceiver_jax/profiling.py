@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional
 
 import jax
 
+from perceiver_jax.kernels import cpu_attention
 from perceiver_jax.kernels import cpu_matmul
 
 # Instructions whose time is that of the instructions they run, which the
@@ -53,6 +54,8 @@ _OPERAND = re.compile(r'%([\w.\-]+)')
 _CALLED = re.compile(r'\b(?:calls|to_apply)=%([\w.\-]+)')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _TRANSPOSE_A = re.compile(r'transpose_a = true')
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+_NEED = re.compile(r'\b(need_\w+) = (true|false)')
 _LHS_CONTRACTING = re.compile(r'lhs_contracting_dims=\{([\d,]*)\}')
 
 
@@ -106,6 +109,16 @@ def parse_hlo(text: str) -> dict[str, Instruction]:
         return 0
       transposed = _TRANSPOSE_A.search(attributes)
       return 2 * math.prod(out) * lhs[-2 if transposed else -1]
+    # cpu_attention's fused attention, forward or backward.
+    if opcode == 'custom-call' and any(
+        call in attributes for call in cpu_attention.HLO_CALLS):
+      qkv = [shapes.get(o) for o in _OPERAND.findall(operands)[:3]]
+      target = _TARGET.search(attributes)
+      if None in qkv or len(qkv) < 3 or target is None:
+        return 0
+      needs = {name: value == 'true'
+               for name, value in _NEED.findall(attributes)}
+      return cpu_attention.flops(target.group(1), *qkv, **needs)
     if opcode != 'dot':
       return 0
     contracting = _LHS_CONTRACTING.search(attributes)

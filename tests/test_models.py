@@ -2,6 +2,7 @@
 
 import haiku as hk
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -67,27 +68,32 @@ def test_permuted_pipeline_gives_the_same_logits():
 
 
 @pytest.mark.parametrize('chunk_size', [None, 100])
-def test_cpu_matmul_kernel_gives_the_xla_model(chunk_size):
-  """model.cpu_matmul='blas' (products through OpenBLAS) and 'xla': the same
-  loss and gradients, with and without chunked cross-attention."""
+@pytest.mark.parametrize('fused', [True, False])
+def test_cpu_kernels_give_the_xla_model(chunk_size, fused):
+  """model.cpu_matmul='blas' (OpenBLAS products, and fused attention unless
+  fused_cpu_attention is False) and 'xla': the same loss and gradients, with
+  and without chunked cross-attention."""
   from perceiver_jax import models  # pylint: disable=g-import-not-at-top
   model = test_configs._load(  # pylint: disable=protected-access
       'imagenet.py', 'debug').experiment_kwargs.config.model
   images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
-  results, kernel_calls = {}, {}
+  results, calls = {}, {}
   for backend in ('xla', 'blas'):
     config = model.copy_and_resolve_references()
     config.cpu_matmul = backend
+    config.fused_cpu_attention = fused
     config.encoder.cross_attention_chunk_size = chunk_size
     forward = models.make_forward(config)
     params = forward.init(jax.random.key(1), images, is_training=True)
     loss = lambda p: jax.numpy.sum(
         forward.apply(p, None, images, is_training=True) ** 2)
     step = jax.jit(jax.value_and_grad(loss))
-    kernel_calls[backend] = step.lower(params).as_text().count(
-        'perceiver_jax_cpu_matmul')
+    hlo = step.lower(params).as_text()
+    calls[backend] = (hlo.count('perceiver_jax_cpu_matmul'),
+                      hlo.count('perceiver_jax_cpu_attention'))
     results[backend] = step(params)
-  assert kernel_calls['xla'] == 0 and kernel_calls['blas'] > 0
+  assert calls['xla'] == (0, 0)
+  assert calls['blas'][0] > 0 and (calls['blas'][1] > 0) == fused
   (loss, grads), (want_loss, want_grads) = results['blas'], results['xla']
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
   # Against the largest gradient: some are 0 up to rounding (the key bias
@@ -104,4 +110,8 @@ def test_unknown_cpu_matmul_backend_is_rejected():
   config = model.copy_and_resolve_references()
   config.cpu_matmul = 'blsa'
   with pytest.raises(ValueError, match=r"model.cpu_matmul='blsa'"):
+    models.make_forward(config)
+  config = ml_collections.ConfigDict(  # A config written without the field.
+      {**model.to_dict(), 'fused_cpu_attention': 'yes'})
+  with pytest.raises(ValueError, match=r"model.fused_cpu_attention='yes'"):
     models.make_forward(config)

@@ -13,13 +13,11 @@
 // XLA's intra-op threads.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
 #include <string>
-#include <thread>
 
 #include "cblas.h"
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -71,46 +69,29 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
 
   // Work items: whole products when there are enough to share out, else
   // tiles of at least 32 rows of c (at most two per thread).
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t threads = perceiver_jax::NumThreads(pool);
   const int64_t tiles =
       batch >= 2 * threads
           ? 1
           : std::clamp<int64_t>(m / 32, 1, 2 * threads);
   const int64_t tile_rows = (m + tiles - 1) / tiles;
-  const int64_t items = batch * tiles;
-  if (items == 0 || m == 0 || n == 0) return ffi::Error::Success();
+  if (batch == 0 || m == 0 || n == 0) return ffi::Error::Success();
   if (k == 0) {  // BLAS rejects a leading dimension of 0.
     std::fill(c_data, c_data + batch * m * n, 0.0f);
     return ffi::Error::Success();
   }
 
-  struct Progress {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto progress = std::make_shared<Progress>();
-  // Helpers may start only after every item is taken (even after this call
-  // has returned): then they touch nothing but `progress`, which they share.
-  auto work = [=] {
-    for (int64_t item; (item = progress->next.fetch_add(1)) < items;) {
-      const int64_t product = item / tiles;
-      const int64_t row = (item % tiles) * tile_rows;
-      const int64_t rows = std::min(tile_rows, m - row);
-      if (rows > 0) {
-        const float* a_tile = a_data + product * a_rows * a_cols +
-                              (transpose_a ? row : row * a_cols);
-        scipy_cblas_sgemm(CblasRowMajor, a_op, b_op, rows, n, k, 1.0f, a_tile,
-                          a_cols, b_data + product * b_rows * b_cols, b_cols,
-                          0.0f, c_data + product * m * n + row * n, n);
-      }
-      progress->done.fetch_add(1);
-    }
-  };
-  const int64_t helpers = std::min(threads - 1, items - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work(); });
-  work();
-  // Only items a helper has started remain: wait for them.
-  while (progress->done.load() < items) std::this_thread::yield();
+  perceiver_jax::ParallelFor(pool, batch * tiles, [=](int64_t item) {
+    const int64_t product = item / tiles;
+    const int64_t row = (item % tiles) * tile_rows;
+    const int64_t rows = std::min(tile_rows, m - row);
+    if (rows <= 0) return;
+    const float* a_tile = a_data + product * a_rows * a_cols +
+                          (transpose_a ? row : row * a_cols);
+    scipy_cblas_sgemm(CblasRowMajor, a_op, b_op, rows, n, k, 1.0f, a_tile,
+                      a_cols, b_data + product * b_rows * b_cols, b_cols,
+                      0.0f, c_data + product * m * n + row * n, n);
+  });
   return ffi::Error::Success();
 }
 

@@ -7,9 +7,12 @@ Shape letters:
   K: qk channels per head. V: v channels per head.    c: chunk of M.
 
 Every block calls `dot_product_attention`, the one place that computes
-softmax(q k^T / sqrt(K)) v, so it can be swapped for a fused kernel. On CPU
-its products, and the weight gradients of `linear`, run through OpenBLAS
-(perceiver_jax.kernels.cpu_matmul) unless the model's `cpu_matmul` is 'xla'.
+softmax(q k^T / sqrt(K)) v, so it can be swapped for a fused kernel. On CPU,
+unmasked float32 attention is one fused OpenBLAS kernel per pass
+(perceiver_jax.kernels.cpu_attention), and other attention products and the
+weight gradients of `linear` run through OpenBLAS
+(perceiver_jax.kernels.cpu_matmul), unless the model's `cpu_matmul` is 'xla'
+(or its `fused_cpu_attention` False, for the fused kernel).
 
 Cross-attention has two exact formulations (`formulation=`):
   'direct':        k = x W_k + b_k and v = x W_v + b_v over all M inputs.
@@ -38,6 +41,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from perceiver_jax.kernels import cpu_attention
 from perceiver_jax.kernels import cpu_matmul
 
 FORMULATIONS = ('auto', 'direct', 'reformulated')
@@ -172,6 +176,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if mask is not None:
     mask = _check_mask(mask, batch, n, m)
   use_blas = cpu_matmul.enabled()
+  if mask is None and cpu_attention.enabled() and {
+      q.dtype, k.dtype, v.dtype} == {jnp.dtype(jnp.float32)}:
+    # One fused kernel per pass, for any M: it never holds the [B, H, N, M]
+    # logits, so chunk_size has nothing left to bound.
+    return cpu_attention.attention(q * scale, k, v)
   if chunk_size is not None and chunk_size < m:
     return _chunked_attention(q, k, v, mask, scale, chunk_size, use_blas)
   if mask is None and jax.default_backend() == 'gpu':

@@ -1,0 +1,408 @@
+// Softmax attention for XLA:CPU, fused: the [N, M] logits are never stored
+// whole, only tiles of them small enough to stay in a core's L2 cache
+// between the products that make and use them (as FlashAttention does on
+// GPUs). Two XLA FFI custom calls (see cpu_attention.py), on arrays in the
+// layout of attention.dot_product_attention, so no head transposes:
+//
+//   perceiver_jax_cpu_attention_fwd: q [B, N, H, K] (already scaled),
+//     k [B, M, H, K], v [B, M, H, V] -> out [B, N, H, V] =
+//     softmax(q k^T) v per example and head, and lse [B, H, N], the
+//     log-sum-exp of every query's logits.
+//   perceiver_jax_cpu_attention_bwd: q, k, v, g = dL/dout [B, N, H, V], lse
+//     and d [B, H, N] = sum_v g * out -> dq, dk, dv (shaped as q, k, v; or
+//     [0, 0, 0, 0], not computed, where attributes need_dq / need_dkv are
+//     false).
+//
+// Why: the one-head cross-attention over a large input (bench_b: N = 256
+// latents, M = 16,384 pixels, K = V = 133 channels) ran as separate batched
+// products and softmax passes over [N, 4,096] chunks of logits, 4 MiB per
+// example, written to memory and read back several times. Here every tile of
+// 256 x 256 logits is made by sgemm, exponentiated, and consumed by the next
+// sgemm while it is still in cache.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cblas.h"
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Keys and queries per tile: a tile of logits (256 KiB), its gradient, and
+// tiles of keys and values (133 KiB each at bench_b's widths) fit in the
+// 1 MiB L2 of this project's machines. Measured at bench_b's shapes, 128-512
+// keys and 128-256 queries per tile were equally fast.
+constexpr int64_t kKeyTile = 256;
+constexpr int64_t kQueryTile = 256;
+
+// OpenBLAS's own threads would compete with XLA's for the cores.
+const bool kSingleThreadedBlas = [] {
+  scipy_openblas_set_num_threads(1);
+  return true;
+}();
+
+ffi::Error InvalidArgument(const std::string& message) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                    "perceiver_jax_cpu_attention: " + message);
+}
+
+// exp(x) for x <= 88, to within 2e-7 relative, written so that the compiler
+// vectorizes loops over it (std::exp is a library call it does not). With
+// x = n ln2 + r, |r| <= ln2 / 2: exp(r) from its Taylor polynomial to r^7
+// (error < 1e-8 relative), times 2^n put into the exponent bits. Inputs below
+// -87 give ~1e-38 instead of smaller numbers or 0: softmax weights that
+// small are zeros to every float32 sum they join.
+inline float FastExp(float x) {
+  x = std::max(x, -87.0f);
+  // Round to nearest by adding and subtracting 1.5 * 2^23 (|x log2 e| < 2^22).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += static_cast<int32_t>(n) * (1 << 23);
+  std::memcpy(&p, &bits, sizeof(p));
+  return p;
+}
+
+// max(floor, max_j row[j]). Kept in 16 independent lanes, which the compiler
+// turns into vector max instructions; a plain loop (or an OpenMP max
+// reduction) stays scalar without -ffast-math and took 3x as long.
+inline float RowMax(const float* row, int64_t size, float floor) {
+  constexpr int64_t kLanes = 16;
+  float lanes[kLanes];
+  std::fill(lanes, lanes + kLanes, floor);
+  int64_t j = 0;
+  for (; j + kLanes <= size; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      lanes[l] = std::max(lanes[l], row[j + l]);
+    }
+  }
+  float row_max = *std::max_element(lanes, lanes + kLanes);
+  for (; j < size; ++j) row_max = std::max(row_max, row[j]);
+  return row_max;
+}
+
+// row[j] = exp(row[j] - max(floor, max_j row[j])) for j < size; returns that
+// max and adds the sum of the new row to *sum.
+inline float ExpShifted(float* row, int64_t size, float floor, float* sum) {
+  const float row_max = RowMax(row, size, floor);
+  float row_sum = 0.0f;
+#pragma omp simd reduction(+ : row_sum)
+  for (int64_t j = 0; j < size; ++j) {
+    row[j] = FastExp(row[j] - row_max);
+    row_sum += row[j];
+  }
+  *sum += row_sum;
+  return row_max;
+}
+
+// A matrix in a row-major buffer: element (i, j) at data[i * stride + j].
+struct Matrix {
+  const float* data;
+  int64_t stride;
+  const float* Row(int64_t i) const { return data + i * stride; }
+};
+
+// c = a b^T for a [rows, depth], b [cols, depth], c [rows, cols] contiguous:
+// a tile of logits q k^T or of their gradient g v^T. Zeros when depth is 0
+// (BLAS rejects leading dimensions of 0).
+void ProductTransposed(int64_t rows, int64_t cols, int64_t depth, Matrix a,
+                       Matrix b, float* c) {
+  if (depth == 0) {
+    std::fill(c, c + rows * cols, 0.0f);
+    return;
+  }
+  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, cols, depth,
+                    1.0f, a.data, a.stride, b.data, b.stride, 0.0f, c, cols);
+}
+
+// c += op(a) b with op(a) [rows, depth]: a contiguous [rows, depth] or,
+// transposed, [depth, rows]; b [depth, cols]; c [rows, cols].
+void AddProduct(bool transpose_a, int64_t rows, int64_t cols, int64_t depth,
+                const float* a, Matrix b, float* c, int64_t c_stride) {
+  if (rows == 0 || cols == 0 || depth == 0) return;
+  scipy_cblas_sgemm(CblasRowMajor, transpose_a ? CblasTrans : CblasNoTrans,
+                    CblasNoTrans, rows, cols, depth, 1.0f, a,
+                    transpose_a ? rows : depth, b.data, b.stride, 1.0f, c,
+                    c_stride);
+}
+
+// Sizes of q [B, N, H, K], k [B, M, H, K] and v [B, M, H, V], and where
+// head h of example b starts in each (rows are then H * K or H * V apart).
+struct Layout {
+  int64_t batch, n, m, heads, k, v;
+  int64_t QueryOffset(int64_t b, int64_t h) const {
+    return (b * n * heads + h) * k;
+  }
+  int64_t KeyOffset(int64_t b, int64_t h) const {
+    return (b * m * heads + h) * k;
+  }
+  int64_t ValueOffset(int64_t b, int64_t h) const {
+    return (b * m * heads + h) * v;
+  }
+  int64_t OutOffset(int64_t b, int64_t h) const {
+    return (b * n * heads + h) * v;
+  }
+  // Of lse and d, [B, H, N].
+  int64_t StatsOffset(int64_t b, int64_t h) const { return (b * heads + h) * n; }
+};
+
+ffi::ErrorOr<Layout> CheckShapes(const ffi::Buffer<ffi::F32>& q,
+                                 const ffi::Buffer<ffi::F32>& k,
+                                 const ffi::Buffer<ffi::F32>& v) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 ||
+      kd[0] != qd[0] || vd[0] != qd[0] || kd[2] != qd[2] || vd[2] != qd[2] ||
+      kd[3] != qd[3] || vd[1] != kd[1]) {
+    return ffi::Unexpected(InvalidArgument(
+        "expected q [B, N, H, K], k [B, M, H, K], v [B, M, H, V]."));
+  }
+  return Layout{qd[0], qd[1], kd[1], qd[2], qd[3], vd[3]};
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                   ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::ResultBuffer<ffi::F32> out,
+                   ffi::ResultBuffer<ffi::F32> lse) {
+  auto layout = CheckShapes(q, k, v);
+  if (layout.has_error()) return layout.error();
+  const Layout at = *layout;
+  const auto [batch, n, m, heads, kk, vv] = at;
+  const float* q_data = q.typed_data();
+  const float* k_data = k.typed_data();
+  const float* v_data = v.typed_data();
+  float* out_data = out->typed_data();
+  float* lse_data = lse->typed_data();
+  if (m == 0) {  // No keys: nothing to attend to.
+    std::fill(out_data, out_data + batch * n * heads * vv, 0.0f);
+    std::fill(lse_data, lse_data + batch * heads * n, -INFINITY);
+    return ffi::Error::Success();
+  }
+  // Work items: (example, head, tile of queries), with tiles of fewer
+  // queries (down to 32) when there are fewer than two items per thread.
+  const int64_t threads = perceiver_jax::NumThreads(pool);
+  const int64_t pairs = batch * heads;
+  const int64_t splits = pairs == 0 ? 1 : (2 * threads + pairs - 1) / pairs;
+  const int64_t tile_rows = std::min(
+      kQueryTile, std::max<int64_t>(32, (n + splits - 1) / splits));
+  const int64_t query_tiles = (n + tile_rows - 1) / tile_rows;
+  perceiver_jax::ParallelFor(pool, pairs * query_tiles, [=](int64_t item) {
+    const int64_t b = item / query_tiles / heads;
+    const int64_t h = item / query_tiles % heads;
+    const int64_t row = (item % query_tiles) * tile_rows;
+    const int64_t rows = std::min(tile_rows, n - row);
+    const Matrix q_tile{q_data + at.QueryOffset(b, h) + row * heads * kk,
+                        heads * kk};
+    const Matrix keys_bh{k_data + at.KeyOffset(b, h), heads * kk};
+    const Matrix values_bh{v_data + at.ValueOffset(b, h), heads * vv};
+    // The output rows hold the unnormalised sums until the end.
+    float* acc = out_data + at.OutOffset(b, h) + row * heads * vv;
+    const int64_t acc_stride = heads * vv;
+    for (int64_t i = 0; i < rows; ++i) {
+      std::fill(acc + i * acc_stride, acc + i * acc_stride + vv, 0.0f);
+    }
+    // The online softmax: running max and sum of exp(logit - max) per query.
+    std::vector<float> weights(rows * kKeyTile), running_max(rows),
+        denom(rows, 0.0f);
+    for (int64_t key = 0; key < m; key += kKeyTile) {
+      const int64_t keys = std::min(kKeyTile, m - key);
+      ProductTransposed(rows, keys, kk, q_tile,
+                        {keys_bh.Row(key), keys_bh.stride}, weights.data());
+      for (int64_t i = 0; i < rows; ++i) {
+        if (key == 0) {
+          running_max[i] = ExpShifted(weights.data() + i * keys, keys,
+                                      -INFINITY, &denom[i]);
+          continue;
+        }
+        // Shifting by at least the old max keeps the old sums valid up to
+        // the correction exp(old max - new max) <= 1.
+        float tile_sum = 0.0f;
+        const float new_max = ExpShifted(weights.data() + i * keys, keys,
+                                         running_max[i], &tile_sum);
+        const float correction = FastExp(running_max[i] - new_max);
+        denom[i] = denom[i] * correction + tile_sum;
+        running_max[i] = new_max;
+        if (correction != 1.0f) {
+          float* acc_i = acc + i * acc_stride;
+          for (int64_t c = 0; c < vv; ++c) acc_i[c] *= correction;
+        }
+      }
+      AddProduct(false, rows, vv, keys, weights.data(),
+                 {values_bh.Row(key), values_bh.stride}, acc, acc_stride);
+    }
+    float* lse_tile = lse_data + at.StatsOffset(b, h) + row;
+    for (int64_t i = 0; i < rows; ++i) {
+      const float inverse = 1.0f / denom[i];
+      float* acc_i = acc + i * acc_stride;
+      for (int64_t c = 0; c < vv; ++c) acc_i[c] *= inverse;
+      lse_tile[i] = running_max[i] + std::log(denom[i]);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                    ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                    ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> d, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> dv, bool need_dq,
+                    bool need_dkv) {
+  auto layout = CheckShapes(q, k, v);
+  if (layout.has_error()) return layout.error();
+  const Layout at = *layout;
+  const auto [batch, n, m, heads, kk, vv] = at;
+  // Gradients not needed are [0, 0, 0, 0] arrays, never touched.
+  if (dq->element_count() != (need_dq ? q.element_count() : 0) ||
+      dk->element_count() != (need_dkv ? k.element_count() : 0) ||
+      dv->element_count() != (need_dkv ? v.element_count() : 0)) {
+    return InvalidArgument("gradient buffers do not match need_dq/need_dkv.");
+  }
+  const float* q_data = q.typed_data();
+  const float* k_data = k.typed_data();
+  const float* v_data = v.typed_data();
+  const float* g_data = g.typed_data();
+  const float* lse_data = lse.typed_data();
+  const float* d_data = d.typed_data();
+  float* dq_data = dq->typed_data();
+  float* dk_data = dk->typed_data();
+  float* dv_data = dv->typed_data();
+  std::fill(dq_data, dq_data + dq->element_count(), 0.0f);
+  std::fill(dk_data, dk_data + dk->element_count(), 0.0f);
+  std::fill(dv_data, dv_data + dv->element_count(), 0.0f);
+  if (m == 0 || n == 0 || !(need_dq || need_dkv)) {
+    return ffi::Error::Success();
+  }
+
+  // Work items: (example, head, a range of queries, a range of keys). With
+  // dk and dv wanted, an item takes all queries and a part of the keys, and
+  // owns that part's dk and dv; dq sums over all keys, so with several parts
+  // every part adds into a partial dq [N, K] of its own, summed at the end.
+  // With dq alone, an item takes a tile of queries and all keys.
+  const int64_t threads = perceiver_jax::NumThreads(pool);
+  const int64_t pairs = batch * heads;
+  const int64_t splits = pairs == 0 ? 1 : (2 * threads + pairs - 1) / pairs;
+  const int64_t key_tiles = (m + kKeyTile - 1) / kKeyTile;
+  const int64_t parts = need_dkv ? std::min(key_tiles, splits) : 1;
+  const int64_t part_keys = (key_tiles + parts - 1) / parts * kKeyTile;
+  const int64_t tile_rows =
+      need_dkv ? n
+               : std::min(kQueryTile,
+                          std::max<int64_t>(32, (n + splits - 1) / splits));
+  const int64_t query_tiles = (n + tile_rows - 1) / tile_rows;
+  const int64_t ranges = parts * query_tiles;  // Per example and head.
+  std::vector<float> partial_dq(
+      need_dq && parts > 1 ? pairs * parts * n * kk : 0, 0.0f);
+  float* partial_data = partial_dq.data();
+  perceiver_jax::ParallelFor(pool, pairs * ranges, [=](int64_t item) {
+    const int64_t b = item / ranges / heads;
+    const int64_t h = item / ranges % heads;
+    const int64_t part = item % ranges / query_tiles;
+    const int64_t first_row = item % query_tiles * tile_rows;
+    const int64_t last_row = std::min(n, first_row + tile_rows);
+    const int64_t first_key = part * part_keys;
+    const int64_t last_key = std::min(m, first_key + part_keys);
+    const Matrix q_bh{q_data + at.QueryOffset(b, h), heads * kk};
+    const Matrix g_bh{g_data + at.OutOffset(b, h), heads * vv};
+    const Matrix keys_bh{k_data + at.KeyOffset(b, h), heads * kk};
+    const Matrix values_bh{v_data + at.ValueOffset(b, h), heads * vv};
+    const float* lse_bh = lse_data + at.StatsOffset(b, h);
+    const float* d_bh = d_data + at.StatsOffset(b, h);
+    const bool partial = need_dq && parts > 1;
+    float* dq_bh = partial ? partial_data + (b * heads + h) * parts * n * kk +
+                                 part * n * kk
+                           : dq_data + at.QueryOffset(b, h);
+    const int64_t dq_stride = partial ? kk : heads * kk;
+    std::vector<float> weights(kQueryTile * kKeyTile),
+        dlogits(kQueryTile * kKeyTile);
+    for (int64_t key = first_key; key < last_key; key += kKeyTile) {
+      const int64_t keys = std::min(kKeyTile, last_key - key);
+      const Matrix k_tile{keys_bh.Row(key), keys_bh.stride};
+      const Matrix v_tile{values_bh.Row(key), values_bh.stride};
+      for (int64_t row = first_row; row < last_row; row += kQueryTile) {
+        const int64_t rows = std::min(kQueryTile, last_row - row);
+        const Matrix q_tile{q_bh.Row(row), q_bh.stride};
+        const Matrix g_tile{g_bh.Row(row), g_bh.stride};
+        // The weights p = exp(q k^T - lse) and dlogits = p (g v^T - d).
+        ProductTransposed(rows, keys, kk, q_tile, k_tile, weights.data());
+        ProductTransposed(rows, keys, vv, g_tile, v_tile, dlogits.data());
+        for (int64_t i = 0; i < rows; ++i) {
+          float* p = weights.data() + i * keys;
+          float* ds = dlogits.data() + i * keys;
+          const float shift = lse_bh[row + i], row_sum = d_bh[row + i];
+#pragma omp simd
+          for (int64_t j = 0; j < keys; ++j) {
+            p[j] = FastExp(p[j] - shift);
+            ds[j] = p[j] * (ds[j] - row_sum);
+          }
+        }
+        // dv += p^T g, dk += dlogits^T q, dq += dlogits k.
+        if (need_dkv) {
+          AddProduct(true, keys, vv, rows, weights.data(), g_tile,
+                     dv_data + at.ValueOffset(b, h) + key * heads * vv,
+                     heads * vv);
+          AddProduct(true, keys, kk, rows, dlogits.data(), q_tile,
+                     dk_data + at.KeyOffset(b, h) + key * heads * kk,
+                     heads * kk);
+        }
+        if (need_dq) {
+          AddProduct(false, rows, kk, keys, dlogits.data(), k_tile,
+                     dq_bh + row * dq_stride, dq_stride);
+        }
+      }
+    }
+  });
+  for (int64_t pair = 0; need_dq && parts > 1 && pair < pairs; ++pair) {
+    float* dq_bh = dq_data + at.QueryOffset(pair / heads, pair % heads);
+    for (int64_t part = 0; part < parts; ++part) {
+      const float* partial = partial_data + (pair * parts + part) * n * kk;
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t c = 0; c < kk; ++c) {
+          dq_bh[i * heads * kk + c] += partial[i * kk + c];
+        }
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PerceiverJaxCpuAttentionFwd, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // lse
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PerceiverJaxCpuAttentionBwd, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dv
+                                  .Attr<bool>("need_dq")
+                                  .Attr<bool>("need_dkv"));

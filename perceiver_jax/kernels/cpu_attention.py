@@ -1,0 +1,140 @@
+"""Fused softmax attention on CPU (XLA FFI calls; see cpu_attention.cc).
+
+`attention(q, k, v)` is softmax(q k^T) v per example and head, for
+q [B, N, H, K] (already scaled), k [B, M, H, K], v [B, M, H, V] in float32,
+differentiable. Its forward and backward passes are each one call of a C++
+kernel that works through the keys in tiles of 256 with an online softmax
+(as FlashAttention does on GPUs): a tile of logits is made by OpenBLAS's
+sgemm, exponentiated and used by the next sgemm while it is still in the
+core's cache, and the [B, H, N, M] logits are never held (memory as
+chunked attention's, for any M). Work is shared over XLA's intra-op threads
+by example, head and tile.
+
+On bench_b's one-head cross-attention (B = 8, N = 256 latents, M = 16,384
+inputs, K = V = 133) forward and backward take 0.81x the time of the
+chunked attention built from `cpu_matmul` products (README, Performance).
+
+Whether a model uses it: `enabled()`, true when `cpu_matmul.enabled()` (the
+same library, the same 'auto' / 'blas' / 'xla' backend) and the innermost
+`fused(flag)` context allows it (the model config's `fused_cpu_attention`,
+default True). As for `cpu_matmul`, the choice is made while tracing.
+"""
+
+import contextlib
+import contextvars
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+
+from perceiver_jax.kernels import cpu_matmul
+
+FORWARD_TARGET = 'perceiver_jax_cpu_attention_fwd'
+BACKWARD_TARGET = 'perceiver_jax_cpu_attention_bwd'
+TARGETS = (FORWARD_TARGET, BACKWARD_TARGET)
+# How calls of the kernels read in compiled HLO text.
+HLO_CALLS = tuple(f'custom_call_target="{t}"' for t in TARGETS)
+
+_fused = contextvars.ContextVar('perceiver_jax_cpu_attention', default=True)
+
+
+@contextlib.contextmanager
+def fused(allowed: bool) -> Iterator[None]:
+  """Attention traced inside may use the fused kernel iff `allowed`."""
+  token = _fused.set(bool(allowed))
+  try:
+    yield
+  finally:
+    _fused.reset(token)
+
+
+def enabled() -> bool:
+  """Whether attention traced now should use the fused kernel.
+
+  Raises:
+    cpu_matmul.BuildError: backend 'blas' on CPU and the kernels do not
+      build.
+  """
+  return _fused.get() and cpu_matmul.enabled()
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T) v over the keys, per example and head.
+
+  Args:
+    q: [B, N, H, K] float32 queries, already scaled.
+    k: [B, M, H, K] float32 keys.
+    v: [B, M, H, V] float32 values.
+
+  Returns:
+    [B, N, H, V] float32 (zeros when M = 0); differentiable in q, k and v.
+
+  Raises:
+    ValueError: other ranks, shapes that do not match, or other dtypes.
+    cpu_matmul.BuildError: the kernels do not build.
+  """
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or (
+      k.shape[0], k.shape[2:]) != (q.shape[0], q.shape[2:]) or (
+          v.shape[:3] != k.shape[:3]):
+    raise ValueError('cpu_attention needs q [B, N, H, K], k [B, M, H, K], '
+                     f'v [B, M, H, V]; got {q.shape}, {k.shape}, {v.shape}.')
+  dtypes = {q.dtype, k.dtype, v.dtype}
+  if dtypes != {jnp.dtype(jnp.float32)}:
+    raise ValueError('cpu_attention runs in float32; got '
+                     f'{sorted(map(str, dtypes))}.')
+  cpu_matmul.register()
+  return _attention(q, k, v)
+
+
+@jax.custom_vjp
+def _attention(q, k, v):
+  return _attention_fwd(q, k, v)[0]
+
+
+def _attention_fwd(q, k, v):
+  # With symbolic zeros, the primals say which gradients are needed.
+  need_dq, need_dk, need_dv = (getattr(x, 'perturbed', True) for x in (q, k, v))
+  q, k, v = (getattr(x, 'value', x) for x in (q, k, v))
+  batch, n, heads, _ = q.shape
+  out_shape = (batch, n, heads, v.shape[-1])
+  out, lse = jax.ffi.ffi_call(FORWARD_TARGET, (
+      jax.ShapeDtypeStruct(out_shape, jnp.float32),
+      jax.ShapeDtypeStruct((batch, heads, n), jnp.float32)),
+                              vmap_method='sequential')(q, k, v)
+  return out, (q, k, v, out, lse, need_dq, need_dk or need_dv)
+
+
+def _attention_bwd(residuals, g):
+  q, k, v, out, lse, need_dq, need_dkv = residuals
+  # The softmax's row sums sum_m dP * P, as sum_v dO * O (see attention.py).
+  d = jnp.einsum('bnhv,bnhv->bhn', g, out)
+  # Gradients not needed come back as [0, 0, 0, 0] arrays, not computed.
+  shapes = [x.shape if need else (0,) * 4
+            for x, need in ((q, need_dq), (k, need_dkv), (v, need_dkv))]
+  grads = jax.ffi.ffi_call(BACKWARD_TARGET, tuple(
+      jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes),
+                           vmap_method='sequential')(
+                               q, k, v, g, lse, d, need_dq=need_dq,
+                               need_dkv=need_dkv)
+  dq, dk, dv = (grad if need else None for grad, need in zip(
+      grads, (need_dq, need_dkv, need_dkv)))
+  return dq, dk, dv
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
+
+
+def flops(target: str, q_shape, k_shape, v_shape, need_dq: bool = True,
+          need_dkv: bool = True) -> int:
+  """Matmul FLOPs (2 per multiply-add) of one call of a kernel, from its
+  operands' shapes: forward q k^T and p v; backward q k^T again, g v^T, and
+  the gradients asked for: dq = ds k, dk = ds^T q and dv = p^T g."""
+  batch, n, heads, depth = q_shape
+  m, width = k_shape[1], v_shape[-1]
+  per_product = 2 * batch * heads * n * m
+  if target == FORWARD_TARGET:
+    return per_product * (depth + width)
+  if target == BACKWARD_TARGET:
+    return per_product * (depth + width + need_dq * depth +
+                          need_dkv * (depth + width))
+  raise ValueError(f'Not a cpu_attention target: {target!r}.')

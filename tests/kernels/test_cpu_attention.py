@@ -1,0 +1,188 @@
+"""The fused CPU attention kernel against softmax attention in XLA."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perceiver_jax import flops
+from perceiver_jax import profiling
+from perceiver_jax.kernels import cpu_attention
+from perceiver_jax.kernels import cpu_matmul
+from perceiver_jax.modules import attention
+
+
+def _reference(q, k, v):
+  """softmax(q k^T) v per example and head, in float64 NumPy."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  logits = np.einsum('bnhk,bmhk->bhnm', q, k)
+  if logits.shape[-1] == 0:
+    return np.zeros(q.shape[:3] + v.shape[-1:])
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum('bhnm,bmhv->bnhv', weights, v)
+
+
+def _xla_attention(q, k, v):
+  logits = jnp.einsum('bnhk,bmhk->bhnm', q, k, precision='highest')
+  return jnp.einsum('bhnm,bmhv->bnhv', jax.nn.softmax(logits, -1), v,
+                    precision='highest')
+
+
+def _operands(seed, batch, n, m, heads, depth, width, logit_scale=1.0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (batch, n, heads, depth)) * logit_scale
+  k = jax.random.normal(keys[1], (batch, m, heads, depth))
+  v = jax.random.normal(keys[2], (batch, m, heads, width))
+  g = jax.random.normal(keys[3], (batch, n, heads, width))
+  return q, k, v, g
+
+
+def _assert_close(got, want, rtol=1e-5):
+  """Within rtol of the largest entry of `want` (zeros for empty arrays)."""
+  want = np.asarray(want)
+  assert got.shape == want.shape
+  scale = np.abs(want).max() if want.size else 0.0
+  np.testing.assert_allclose(got, want, rtol=0, atol=rtol * max(scale, 1e-30))
+
+
+SHAPES = [
+    # batch, n, m, heads, depth, width
+    (2, 5, 7, 1, 3, 4),          # One tile.
+    (3, 130, 600, 2, 13, 9),     # Uneven key tiles, two heads.
+    (1, 300, 1000, 1, 133, 133), # Two query tiles; keys split over threads.
+    (2, 1, 257, 3, 1, 2),        # One query; one key past a tile.
+    (1, 70, 520, 8, 16, 16),     # Many heads, strided rows.
+]
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+def test_attention_matches_softmax_attention(shape):
+  q, k, v, _ = _operands(0, *shape)
+  _assert_close(cpu_attention.attention(q, k, v), _reference(q, k, v))
+
+
+def test_large_logits_are_stable():
+  # Logits in the hundreds: the online softmax's running max changes from
+  # tile to tile, and exp(logit) alone would overflow.
+  q, k, v, _ = _operands(1, 2, 40, 900, 1, 8, 5, logit_scale=60.0)
+  out = cpu_attention.attention(q, k, v)
+  assert np.all(np.isfinite(out))
+  # float32 logits of ~500 are rounded by up to 3e-5, which exp passes on.
+  _assert_close(out, _reference(q, k, v), rtol=1e-4)
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('argnums', [(0, 1, 2), (0,), (1,), (2,), (1, 2)])
+def test_gradients_match_xla(shape, argnums):
+  q, k, v, g = _operands(2, *shape)
+
+  def grads(fn):
+    loss = lambda *qkv: jnp.sum(fn(*qkv) * g)
+    return jax.jit(jax.grad(loss, argnums))(q, k, v)
+
+  for got, want in zip(grads(cpu_attention.attention), grads(_xla_attention)):
+    _assert_close(got, want)
+
+
+@pytest.mark.parametrize('shape', [
+    (2, 4, 0, 2, 3, 3),   # No keys: zeros, and zero gradients.
+    (1, 40, 70, 1, 8, 0),
+    (5, 3, 9, 2, 0, 4),
+    (0, 3, 9, 2, 4, 4),
+])
+def test_empty_sizes(shape):
+  q, k, v, g = _operands(3, *shape)
+  _assert_close(cpu_attention.attention(q, k, v), _reference(q, k, v))
+  loss = lambda *qkv: jnp.sum(cpu_attention.attention(*qkv) * g)
+  got = jax.grad(loss, (0, 1, 2))(q, k, v)
+  if shape[2]:
+    want = jax.grad(lambda *qkv: jnp.sum(_xla_attention(*qkv) * g),
+                    (0, 1, 2))(q, k, v)
+  else:
+    want = [np.zeros(x.shape) for x in (q, k, v)]
+  for got_grad, want_grad in zip(got, want):
+    _assert_close(got_grad, want_grad)
+
+
+def test_under_vmap():
+  q, k, v, _ = _operands(4, 6, 9, 30, 2, 4, 3)
+  batched = [x.reshape((2, 3) + x.shape[1:]) for x in (q, k, v)]
+  out = jax.vmap(cpu_attention.attention)(*batched)
+  _assert_close(out.reshape((6,) + out.shape[2:]), _reference(q, k, v))
+
+
+def test_bad_operands_are_rejected():
+  q, k, v, _ = _operands(5, 2, 3, 4, 1, 5, 6)
+  with pytest.raises(ValueError, match=r'q \[B, N, H, K\]'):
+    cpu_attention.attention(q[0], k, v)
+  with pytest.raises(ValueError, match=r'q \[B, N, H, K\]'):
+    cpu_attention.attention(q, k[..., :4], v)
+  with pytest.raises(ValueError, match=r'q \[B, N, H, K\]'):
+    cpu_attention.attention(q, k, v[:, :3])
+  with pytest.raises(ValueError, match='float32'):
+    cpu_attention.attention(q.astype(jnp.bfloat16), k, v)
+
+
+@pytest.mark.parametrize('argnums,need_dq,need_dkv', [
+    ((0, 1, 2), True, True), ((0,), True, False), ((2,), False, True)])
+def test_flops_are_counted(argnums, need_dq, need_dkv):
+  batch, n, m, heads, depth, width = 2, 8, 11, 3, 5, 7
+  q, k, v, g = _operands(6, batch, n, m, heads, depth, width)
+  forward = lambda *qkv: cpu_attention.attention(*qkv)
+  per_product = 2 * batch * heads * n * m
+  assert flops.count_flops(forward, q, k, v) == per_product * (depth + width)
+  # Backward: q k^T and g v^T, then the gradients asked for.
+  backward_flops = per_product * (depth + width + need_dq * depth +
+                                  need_dkv * (depth + width))
+  grad = jax.grad(lambda *qkv: jnp.sum(forward(*qkv) * g), argnums)
+  hlo = jax.jit(grad).lower(q, k, v).compile().as_text()
+  kernel_flops = sorted(i.dot_flops for i in profiling.parse_hlo(hlo).values()
+                        if i.opcode == 'custom-call')
+  assert kernel_flops == sorted([per_product * (depth + width),
+                                 backward_flops])
+  # The jaxpr count adds the row sums' einsum, sum_v g * out (B H N V).
+  assert flops.count_flops(grad, q, k, v) == (
+      sum(kernel_flops) + 2 * batch * n * heads * width)
+
+
+def test_enabled_follows_the_contexts():
+  assert cpu_attention.enabled()  # Defaults: fused, matmul backend 'auto'.
+  with cpu_attention.fused(False):
+    assert not cpu_attention.enabled()
+    with cpu_attention.fused(True):
+      assert cpu_attention.enabled()
+  with cpu_matmul.backend('xla'):
+    assert not cpu_attention.enabled()
+
+
+def _fused_calls(fn, *args) -> int:
+  # A new function each time: jit would reuse an earlier trace of `fn`.
+  hlo = jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+  return hlo.count(cpu_attention.FORWARD_TARGET)
+
+
+@pytest.mark.parametrize('heads', [1, 4])
+@pytest.mark.parametrize('chunk_size', [None, 64])
+def test_dot_product_attention_takes_the_kernel(heads, chunk_size):
+  q, k, v, g = _operands(7, 2, 20, 300, heads, 8, 6)
+  fn = lambda q, k, v: attention.dot_product_attention(
+      q, k, v, chunk_size=chunk_size)
+  loss = lambda *qkv: jnp.sum(fn(*qkv) * g)
+  assert _fused_calls(fn, q, k, v) == 1
+  with cpu_attention.fused(False):
+    assert _fused_calls(fn, q, k, v) == 0
+    want, want_grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
+  got, got_grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
+  _assert_close(got, want)
+  for got_grad, want_grad in zip(got_grads, want_grads):
+    _assert_close(got_grad, want_grad)
+
+
+def test_masks_and_other_dtypes_stay_in_xla():
+  q, k, v, _ = _operands(8, 2, 20, 30, 1, 8, 6)
+  mask = jnp.arange(30)[None] < jnp.array([[10], [30]])
+  assert _fused_calls(lambda q, k, v: attention.dot_product_attention(
+      q, k, v, mask), q, k, v) == 0
+  bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  assert _fused_calls(attention.dot_product_attention, *bf16) == 0

@@ -140,7 +140,10 @@ def build_config(options: ml_collections.ConfigDict, *, name: str,
 
   batch_size = 1024
   # bench_b chunks its 16,384 inputs: 4-5% faster training and 10% faster
-  # forward steps on the 2-core CPU than all at once (README, Performance).
+  # forward steps on the 2-core CPU than all at once (README, Performance),
+  # before the fused CPU attention, which works in tiles of 256 inputs
+  # whatever the chunk size: the chunks now matter where it is off
+  # (model.fused_cpu_attention=False, masks, GPU without cuDNN attention).
   for bench, size, latents, batch, chunk in (
       ('bench_a', 64, (128, 256), 16, None),
       ('bench_b', 128, (256, 512), 8, 4096)):

@@ -158,7 +158,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     mask: optional boolean [B, M] (True = real key) or [B, N, M].
     scale: logit scale; 1/sqrt(K) if None.
     chunk_size: if set and < M, process the keys in chunks of this size with
-      an online softmax: memory O(N c) instead of O(N M), same result.
+      an online softmax: memory O(N c) instead of O(N M), same result. The
+      fused CPU kernel (used for unmasked float32 attention on CPU, see the
+      module docstring) always works in tiles of 256 keys and ignores it.
 
   Returns:
     [B, N, H, V] attended values, in the dtype of v.

@@ -108,7 +108,9 @@ def _attention_fwd(q, k, v):
 def _attention_bwd(residuals, g):
   q, k, v, out, lse, need_dq, need_dkv = residuals
   # The softmax's row sums sum_m dP * P, as sum_v dO * O (see attention.py).
-  d = jnp.einsum('bnhv,bnhv->bhn', g, out)
+  # (Not an einsum: XLA turns that into a reduction, and jaxpr and HLO FLOP
+  # counts would disagree.)
+  d = jnp.swapaxes(jnp.sum(g * out, axis=-1), 1, 2)
   # Gradients not needed come back as [0, 0, 0, 0] arrays, not computed.
   shapes = [x.shape if need else (0,) * 4
             for x, need in ((q, need_dq), (k, need_dkv), (v, need_dkv))]

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from perceiver_jax.kernels import cpu_attention
 from perceiver_jax.modules import attention
 
 
@@ -82,16 +83,19 @@ def test_hand_written_gradients_match_autodiff(argnums, heads, chunk_size):
     np.testing.assert_allclose(g, w, atol=1e-5)
 
 
+@pytest.mark.parametrize('fused', [True, False])
 @pytest.mark.parametrize('heads', [1, 2])
-def test_chunked_gradient_keeps_no_copy_of_the_keys(heads):
+def test_chunked_gradient_keeps_no_copy_of_the_keys(heads, fused):
   """Training through chunked attention to data keys/values holds less than
-  one [B, M, H, K] array beyond its inputs (no chunks saved per step)."""
+  one [B, M, H, K] array beyond its inputs (no chunks saved per step); so
+  does the fused CPU kernel, which works in tiles whatever the chunk size."""
   b, n, m, k = 2, 8, 8192, 16
   q = jnp.ones((b, n, heads, k // heads))
   kv = jnp.ones((b, m, heads, k // heads))
   grad = jax.jit(jax.grad(lambda q, kv: jnp.sum(
       attention.dot_product_attention(q, kv, kv, chunk_size=512))))
-  temp = grad.lower(q, kv).compile().memory_analysis().temp_size_in_bytes
+  with cpu_attention.fused(fused):  # Read while tracing, in lower().
+    temp = grad.lower(q, kv).compile().memory_analysis().temp_size_in_bytes
   assert temp < kv.nbytes / 2
 
 
@@ -120,17 +124,20 @@ def test_one_head_layouts_agree(use_blas):
     np.testing.assert_allclose(g, w, atol=1e-5)
 
 
+@pytest.mark.parametrize('fused', [True, False])
 @pytest.mark.parametrize('chunk_size', [None, 64])
-def test_one_head_attention_with_a_broadcast_query(chunk_size):
+def test_one_head_attention_with_a_broadcast_query(chunk_size, fused):
   """Queries shared by the batch, as latents are (XLA:CPU miscompiled the
-  keys-major logits of a broadcast query; see attention._unbroadcast)."""
+  keys-major logits of a broadcast query; see attention._unbroadcast). Also
+  without the fused CPU kernel, which would otherwise take this attention."""
   rng = np.random.default_rng(5)
   b, n, c, m = 4, 32, 13, 256
   q, x = rng.normal(size=(n, c)), rng.normal(size=(b, m, c))
   attend = jax.jit(lambda q, x: attention.dot_product_attention(
       jnp.broadcast_to(q, (b, n, c))[:, :, None], x[:, :, None],
       x[:, :, None], chunk_size=chunk_size))
-  got = attend(jnp.asarray(q, jnp.float32), jnp.asarray(x, jnp.float32))
+  with cpu_attention.fused(fused):  # Read while tracing, at the first call.
+    got = attend(jnp.asarray(q, jnp.float32), jnp.asarray(x, jnp.float32))
   want = _numpy_attention(np.broadcast_to(q, (b, n, c))[:, :, None],
                           x[:, :, None], x[:, :, None])
   np.testing.assert_allclose(got, want, atol=1e-5)

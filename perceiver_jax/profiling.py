@@ -103,22 +103,22 @@ def parse_hlo(text: str) -> dict[str, Instruction]:
   def own_flops(shape, opcode, operands, attributes) -> int:
     out = _dims(shape)
     lhs = shapes.get((_OPERAND.findall(operands) or [''])[0])
+    target = _TARGET.search(attributes) if opcode == 'custom-call' else None
+    target = target and target.group(1)
     # cpu_matmul's products: op(a) op(b), batched.
-    if opcode == 'custom-call' and cpu_matmul.HLO_CALL in attributes:
+    if target == cpu_matmul.TARGET:
       if out is None or lhs is None:
         return 0
       transposed = _TRANSPOSE_A.search(attributes)
       return 2 * math.prod(out) * lhs[-2 if transposed else -1]
     # cpu_attention's fused attention, forward or backward.
-    if opcode == 'custom-call' and any(
-        call in attributes for call in cpu_attention.HLO_CALLS):
+    if target in cpu_attention.TARGETS:
       qkv = [shapes.get(o) for o in _OPERAND.findall(operands)[:3]]
-      target = _TARGET.search(attributes)
-      if None in qkv or len(qkv) < 3 or target is None:
+      if len(qkv) < 3 or None in qkv:
         return 0
       needs = {name: value == 'true'
                for name, value in _NEED.findall(attributes)}
-      return cpu_attention.flops(target.group(1), *qkv, **needs)
+      return cpu_attention.flops(target, *qkv, **needs)
     if opcode != 'dot':
       return 0
     contracting = _LHS_CONTRACTING.search(attributes)

@@ -42,12 +42,6 @@ namespace {
 constexpr int64_t kKeyTile = 256;
 constexpr int64_t kQueryTile = 256;
 
-// OpenBLAS's own threads would compete with XLA's for the cores.
-const bool kSingleThreadedBlas = [] {
-  scipy_openblas_set_num_threads(1);
-  return true;
-}();
-
 ffi::Error InvalidArgument(const std::string& message) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                     "perceiver_jax_cpu_attention: " + message);
@@ -162,6 +156,19 @@ struct Layout {
   int64_t StatsOffset(int64_t b, int64_t h) const { return (b * heads + h) * n; }
 };
 
+// Into how many parts to split each (example, head) pair's work so that
+// every thread gets about two items.
+int64_t Splits(ffi::ThreadPool& pool, int64_t pairs) {
+  const int64_t threads = perceiver_jax::NumThreads(pool);
+  return pairs == 0 ? 1 : (2 * threads + pairs - 1) / pairs;
+}
+
+// Queries per work item for `splits` items over N queries: at most
+// kQueryTile, and no fewer than 32.
+int64_t QueryTileRows(int64_t n, int64_t splits) {
+  return std::min(kQueryTile, std::max<int64_t>(32, (n + splits - 1) / splits));
+}
+
 ffi::ErrorOr<Layout> CheckShapes(const ffi::Buffer<ffi::F32>& q,
                                  const ffi::Buffer<ffi::F32>& k,
                                  const ffi::Buffer<ffi::F32>& v) {
@@ -193,13 +200,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     std::fill(lse_data, lse_data + batch * heads * n, -INFINITY);
     return ffi::Error::Success();
   }
-  // Work items: (example, head, tile of queries), with tiles of fewer
-  // queries (down to 32) when there are fewer than two items per thread.
-  const int64_t threads = perceiver_jax::NumThreads(pool);
+  // Work items: (example, head, tile of queries).
   const int64_t pairs = batch * heads;
-  const int64_t splits = pairs == 0 ? 1 : (2 * threads + pairs - 1) / pairs;
-  const int64_t tile_rows = std::min(
-      kQueryTile, std::max<int64_t>(32, (n + splits - 1) / splits));
+  const int64_t tile_rows = QueryTileRows(n, Splits(pool, pairs));
   const int64_t query_tiles = (n + tile_rows - 1) / tile_rows;
   perceiver_jax::ParallelFor(pool, pairs * query_tiles, [=](int64_t item) {
     const int64_t b = item / query_tiles / heads;
@@ -294,16 +297,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   // owns that part's dk and dv; dq sums over all keys, so with several parts
   // every part adds into a partial dq [N, K] of its own, summed at the end.
   // With dq alone, an item takes a tile of queries and all keys.
-  const int64_t threads = perceiver_jax::NumThreads(pool);
   const int64_t pairs = batch * heads;
-  const int64_t splits = pairs == 0 ? 1 : (2 * threads + pairs - 1) / pairs;
+  const int64_t splits = Splits(pool, pairs);
   const int64_t key_tiles = (m + kKeyTile - 1) / kKeyTile;
   const int64_t parts = need_dkv ? std::min(key_tiles, splits) : 1;
   const int64_t part_keys = (key_tiles + parts - 1) / parts * kKeyTile;
-  const int64_t tile_rows =
-      need_dkv ? n
-               : std::min(kQueryTile,
-                          std::max<int64_t>(32, (n + splits - 1) / splits));
+  const int64_t tile_rows = need_dkv ? n : QueryTileRows(n, splits);
   const int64_t query_tiles = (n + tile_rows - 1) / tile_rows;
   const int64_t ranges = parts * query_tiles;  // Per example and head.
   std::vector<float> partial_dq(

@@ -24,13 +24,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// OpenBLAS's own threads would compete with XLA's for the cores: every sgemm
-// here runs on the thread that calls it.
-const bool kSingleThreadedBlas = [] {
-  scipy_openblas_set_num_threads(1);
-  return true;
-}();
-
 ffi::Error InvalidArgument(const std::string& message) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                     "perceiver_jax_cpu_matmul: " + message);

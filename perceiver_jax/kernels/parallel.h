@@ -1,4 +1,6 @@
 // Work sharing over XLA's intra-op threads for perceiver_jax's CPU kernels.
+// Every sgemm runs on the thread that calls it: OpenBLAS's own threads would
+// compete with XLA's for the cores.
 
 #ifndef PERCEIVER_JAX_KERNELS_PARALLEL_H_
 #define PERCEIVER_JAX_KERNELS_PARALLEL_H_
@@ -9,9 +11,16 @@
 #include <memory>
 #include <thread>
 
+#include "cblas.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace perceiver_jax {
+
+// Set when the library loads (one variable for all its sources).
+inline const bool kSingleThreadedBlas = [] {
+  scipy_openblas_set_num_threads(1);
+  return true;
+}();
 
 // Runs work(item) for every item in [0, items) on the calling thread and on
 // up to pool.num_threads() - 1 of XLA's intra-op threads; returns when all

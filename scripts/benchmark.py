@@ -23,8 +23,9 @@ best of a measurement before and one after the timed steps), and
 memory: XLA's buffer plan of the compiled step (exact), device peak where
 available, and the process's peak RSS; page faults per timed step. Each
 point of an input sweep runs in a fresh process so its RSS is its own. The
-script restarts itself once with huge-page malloc (perceiver_jax/host_memory;
-`huge_page_malloc` in the output says whether it ran with it).
+script restarts itself once with the malloc settings of
+PERCEIVER_JAX_MALLOC (perceiver_jax/host_memory; `huge_page_malloc` and
+`keep_freed_memory` in the output say which it ran with).
 
 --profile=N traces N steps with jax.profiler instead of timing them and
 reports, per model module and pass (forward, backward, other: the optimizer),
@@ -66,7 +67,7 @@ from perceiver_jax import host_memory
 # ours 1.19 s per step instead of 0.86 s, HF's 1.06 s instead of 1.04 s).
 if __name__ == '__main__' and not any(
     a.startswith('--compare') for a in sys.argv[1:]):
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_malloc_settings()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -161,9 +162,15 @@ def _compare_hf(exp, batch_size: int, peaks: list[dict]) -> None:
     benchmarking.add_mfu(result, benchmarking.best_peak(*peaks))
     result['config'] = _config_arg()
     result['torch_threads'] = hf_reference.num_threads()
-    result['huge_page_malloc'] = host_memory.huge_pages_requested()
+    result.update(_malloc_settings())
     print(json.dumps(result), flush=True)
     del runs
+
+
+def _malloc_settings() -> dict:
+  """What glibc's malloc ran with (see perceiver_jax/host_memory)."""
+  return {'huge_page_malloc': host_memory.huge_pages_requested(),
+          'keep_freed_memory': host_memory.keeps_freed_memory()}
 
 
 def _parse_against(exp) -> dict:
@@ -199,7 +206,7 @@ def _against(exp, variants: dict, batch_size: int, peak: dict) -> None:
   benchmarking.add_mfu(
       result, benchmarking.best_peak(peak, benchmarking.peak_flops()))
   result['config'] = _config_arg()
-  result['huge_page_malloc'] = host_memory.huge_pages_requested()
+  result.update(_malloc_settings())
   print(json.dumps(result), flush=True)
 
 
@@ -245,7 +252,7 @@ def main(argv):
   result['config'] = _config_arg()
   result['precision'] = exp.training.precision
   result['cross_attention'] = exp.model.encoder.get('cross_attention', 'auto')
-  result['huge_page_malloc'] = host_memory.huge_pages_requested()
+  result.update(_malloc_settings())
   print(json.dumps(result), flush=True)
 
 

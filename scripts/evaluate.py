@@ -14,7 +14,7 @@ from perceiver_jax import host_memory
 
 # First of all, before the heavy imports: this may restart the process.
 if __name__ == '__main__':
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_malloc_settings()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -41,7 +41,7 @@ def main(argv):
 
 def run():
   """Console-script entry point (`perceiver-evaluate`)."""
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_malloc_settings()
   flags.mark_flags_as_required(['config', 'checkpoint'])
   app.run(main)
 

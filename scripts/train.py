@@ -20,7 +20,7 @@ from perceiver_jax import host_memory
 
 # First of all, before the heavy imports: this may restart the process.
 if __name__ == '__main__':
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_malloc_settings()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -72,7 +72,7 @@ def main(argv):
 
 def run():
   """Console-script entry point (`perceiver-train`)."""
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_malloc_settings()
   flags.mark_flag_as_required('config')
   app.run(main)
 

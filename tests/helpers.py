@@ -17,8 +17,8 @@ def free_port() -> int:
 
 
 def run_benchmark_script(*args: str) -> subprocess.CompletedProcess:
-  """scripts/benchmark.py on the digits debug config, without huge pages."""
-  env = dict(os.environ, PERCEIVER_JAX_HUGE_PAGES='0')
+  """scripts/benchmark.py on the digits debug config, glibc's own malloc."""
+  env = dict(os.environ, PERCEIVER_JAX_MALLOC='system')
   return subprocess.run(
       [sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'),
        '--config=' + os.path.join(ROOT, 'configs', 'digits.py') + ':debug',

@@ -65,8 +65,10 @@ from perceiver_jax import host_memory
 # huge pages sit idle long enough for a VM's host to take them back (see
 # host_memory), so every step faults them in again slowly (bench_a training:
 # ours 1.19 s per step instead of 0.86 s, HF's 1.06 s instead of 1.04 s).
+# Not for --sweep-inputs either: it runs no step itself, and its points
+# choose their own settings (see _sweep).
 if __name__ == '__main__' and not any(
-    a.startswith('--compare') for a in sys.argv[1:]):
+    a.startswith(('--compare', '--sweep-inputs')) for a in sys.argv[1:]):
   host_memory.reexec_with_malloc_settings()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -123,13 +125,23 @@ def _apply_overrides(exp) -> None:
 
 
 def _sweep(argv) -> None:
-  """Re-runs this script once per image size, each in a fresh process."""
+  """Re-runs this script once per image size, each in a fresh process.
+
+  The points run with PERCEIVER_JAX_MALLOC=huge_pages unless it is set: with
+  freed memory kept in the process ('keep'), the peak RSS is the heap's
+  high-water mark, fragments included, which swung by hundreds of MB between
+  sizes (bench_a training: RSS slopes of -5 to 80 KB per input element,
+  where XLA's buffer plan grows by 8-26 KB), not what the step needs.
+  """
   passthrough = [a for a in argv[1:] if not a.startswith('--sweep-inputs')]
+  env = dict(os.environ)
+  env.setdefault(host_memory.MODE_VARIABLE, 'huge_pages')
   records = []
   for size in _SWEEP.value:
     out = subprocess.run(
         [sys.executable, os.path.abspath(__file__), *passthrough,
-         f'--image_size={size}'], check=True, capture_output=True, text=True)
+         f'--image_size={size}'], check=True, capture_output=True, text=True,
+        env=env)
     line = out.stdout.strip().splitlines()[-1]
     record = json.loads(line)
     size = int(size)

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+from typing import Optional
 
 # The repository root (scripts, configs; PYTHONPATH for subprocesses).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,9 +17,18 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_benchmark_script(*args: str) -> subprocess.CompletedProcess:
-  """scripts/benchmark.py on the digits debug config, glibc's own malloc."""
-  env = dict(os.environ, PERCEIVER_JAX_MALLOC='system')
+def run_benchmark_script(*args: str, malloc: Optional[str] = 'system'
+                         ) -> subprocess.CompletedProcess:
+  """scripts/benchmark.py on the digits debug config.
+
+  `malloc` is PERCEIVER_JAX_MALLOC ('system': glibc's own settings); None
+  leaves the script's default.
+  """
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('PERCEIVER_JAX_MALLOC', 'PERCEIVER_JAX_HUGE_PAGES',
+                      'GLIBC_TUNABLES')}
+  if malloc is not None:
+    env['PERCEIVER_JAX_MALLOC'] = malloc
   return subprocess.run(
       [sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'),
        '--config=' + os.path.join(ROOT, 'configs', 'digits.py') + ':debug',

@@ -9,6 +9,7 @@ from configs import digits
 from configs import imagenet
 from perceiver_jax import benchmarking
 from perceiver_jax import hf_reference
+from perceiver_jax import host_memory
 from tests import helpers
 
 
@@ -197,3 +198,29 @@ def test_benchmark_script_against_variants():
       '--against=model.encoder.cross_atention=direct')
   assert bad.returncode != 0
   assert "did you mean ['cross_attention'" in bad.stderr
+
+
+_GLIBC = host_memory.glibc_version() or (0, 0)
+
+
+@pytest.mark.skipif(_GLIBC < (2, 26) or host_memory.has_accelerator(),
+                    reason='keeps freed memory on glibc CPU-only hosts')
+def test_benchmark_script_keeps_freed_memory_by_default():
+  out = helpers.run_benchmark_script('--mode=forward', '--batch=4',
+                                     '--steps=3', malloc=None)
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['keep_freed_memory'] is True
+  # Each step's buffers come from memory the process already holds.
+  assert result['page_faults_per_step'] < 50
+
+
+def test_benchmark_script_sweep_measures_rss_without_kept_memory():
+  out = helpers.run_benchmark_script('--mode=forward', '--batch=2',
+                                     '--steps=2', '--sweep-inputs=8,16',
+                                     malloc=None)
+  assert out.returncode == 0, out.stderr[-2000:]
+  *points, growth = [json.loads(line) for line in out.stdout.splitlines()]
+  assert [p['num_inputs'] for p in points] == [64, 256]
+  assert not any(p['keep_freed_memory'] for p in points)
+  assert growth['sweep_growth']['xla_temp_bytes_per_input'] > 0

@@ -109,7 +109,7 @@ def malloc_mode(env: Mapping[str, str] = os.environ, *,
   """
   if MODE_VARIABLE not in env and env.get(OLD_OPT_OUT) == '0':
     return 'system'
-  mode = env.get(MODE_VARIABLE, 'auto').strip().lower()
+  mode = env.get(MODE_VARIABLE, '').strip().lower() or 'auto'  # '' = unset.
   if mode not in MODES:
     raise ValueError(f'{MODE_VARIABLE}={env[MODE_VARIABLE]!r}: expected one '
                      f'of {", ".join(MODES)}.')

@@ -17,6 +17,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ({}, False, 'keep'),
     ({}, True, 'huge_pages'),
     ({'PERCEIVER_JAX_MALLOC': 'auto'}, True, 'huge_pages'),
+    ({'PERCEIVER_JAX_MALLOC': ''}, False, 'keep'),
     ({'PERCEIVER_JAX_MALLOC': 'Keep'}, True, 'keep'),
     ({'PERCEIVER_JAX_MALLOC': 'huge_pages'}, False, 'huge_pages'),
     ({'PERCEIVER_JAX_MALLOC': 'system'}, False, 'system'),

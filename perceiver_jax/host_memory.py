@@ -21,11 +21,10 @@ PERCEIVER_JAX_MALLOC:
   because glibc serves a block too large for a thread's own arena (64 MiB
   heaps) with a fresh mapping even when mmap_max is 0; with one arena every
   thread allocates from the main heap. After the first steps no page is
-  faulted in at all: on this project's 2-core VM the kernel's share of the
-  CPU during bench_b training fell from 12-16% to under 1% and the step from
-  2.15-2.44 s to 1.88-2.01 s (README, Performance), for more resident
-  memory (peak RSS 2.36 GB against 1.77 GB on bench_b): the heap keeps its
-  high-water mark and its fragments.
+  faulted in at all, and the kernel's share of the CPU during bench_b
+  training falls from 8-16% to under 1%, for more resident memory: the heap
+  keeps its high-water mark and its fragments (README, Performance, "Kept
+  memory", has the measurements).
 - 'system': glibc's defaults.
 - 'auto' (default): 'keep' on hosts without an accelerator
   (`has_accelerator`), where XLA's buffers are host memory; 'huge_pages'

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from typing import Optional
 
+from perceiver_jax import host_memory
+
 # The repository root (scripts, configs; PYTHONPATH for subprocesses).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,6 +19,15 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def environ_without_malloc_settings(**extra: str) -> dict[str, str]:
+  """os.environ without the variables that choose glibc's malloc settings
+  (perceiver_jax/host_memory), plus `extra`."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('GLIBC_TUNABLES', host_memory.MODE_VARIABLE,
+                      host_memory.OLD_OPT_OUT)}
+  return {**env, **extra}
+
+
 def run_benchmark_script(*args: str, malloc: Optional[str] = 'system'
                          ) -> subprocess.CompletedProcess:
   """scripts/benchmark.py on the digits debug config.
@@ -24,11 +35,9 @@ def run_benchmark_script(*args: str, malloc: Optional[str] = 'system'
   `malloc` is PERCEIVER_JAX_MALLOC ('system': glibc's own settings); None
   leaves the script's default.
   """
-  env = {k: v for k, v in os.environ.items()
-         if k not in ('PERCEIVER_JAX_MALLOC', 'PERCEIVER_JAX_HUGE_PAGES',
-                      'GLIBC_TUNABLES')}
+  env = environ_without_malloc_settings()
   if malloc is not None:
-    env['PERCEIVER_JAX_MALLOC'] = malloc
+    env[host_memory.MODE_VARIABLE] = malloc
   return subprocess.run(
       [sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'),
        '--config=' + os.path.join(ROOT, 'configs', 'digits.py') + ':debug',

@@ -1,6 +1,5 @@
 """The entry points' glibc malloc settings and re-execution (host_memory)."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -8,9 +7,9 @@ import textwrap
 import pytest
 
 from perceiver_jax import host_memory
+from tests import helpers
 
 _KEEP = ':'.join(host_memory.KEEP_FREED)
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize('env, accelerator, expected', [
@@ -112,13 +111,6 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def _clean_env(**env):
-  base = {k: v for k, v in os.environ.items()
-          if k not in ('GLIBC_TUNABLES', host_memory.MODE_VARIABLE,
-                       host_memory.OLD_OPT_OUT)}
-  return {**base, **env}
-
-
 def _run_script(tmp_path, check=True, **env):
   """Runs _SCRIPT in a fresh interpreter: (the process, the runs it logged)."""
   script = tmp_path / 'script.py'
@@ -126,8 +118,8 @@ def _run_script(tmp_path, check=True, **env):
   log = tmp_path / 'log.txt'
   out = subprocess.run(
       [sys.executable, '-u', str(script), str(log), '--flag=a b', 'x'],
-      env=_clean_env(**env), capture_output=True, text=True, check=check,
-      cwd=_ROOT)
+      env=helpers.environ_without_malloc_settings(**env),
+      capture_output=True, text=True, check=check, cwd=helpers.ROOT)
   return out, log.read_text().splitlines()
 
 
@@ -181,7 +173,8 @@ _REUSE = textwrap.dedent("""
 
 def _reuse_faults(tunables):
   out = subprocess.run([sys.executable, '-c', _REUSE],
-                       env=_clean_env(GLIBC_TUNABLES=tunables),
+                       env=helpers.environ_without_malloc_settings(
+                           GLIBC_TUNABLES=tunables),
                        capture_output=True, text=True, check=True)
   return int(out.stdout)
 

@@ -17,7 +17,9 @@ rounding; neither has an effect off CPU):
 A preprocessor's `permutation_seed` (int or None) applies one fixed
 permutation of the M inputs after position features are attached: permuted
 ImageNet (P1 Sec. 4.2, Tab. 2). Its `input_key` (optional) picks one entry
-of dict-valued inputs (e.g. 'audio' of an AudioSet batch).
+of dict-valued inputs (e.g. 'audio' of an AudioSet batch). The model's own
+preprocessor keeps Fourier position features apart from the per-example
+channels where it can (`byte_array`): same outputs, less memory.
 """
 
 from typing import Any, Callable, Mapping, Optional
@@ -29,6 +31,7 @@ import ml_collections
 
 from perceiver_jax.kernels import cpu_attention
 from perceiver_jax.kernels import cpu_matmul
+from perceiver_jax.modules import byte_array
 from perceiver_jax.modules import perceiver
 from perceiver_jax.modules import preprocessors
 
@@ -39,6 +42,9 @@ PREPROCESSORS: Mapping[str, Callable[..., Any]] = {
     'video': preprocessors.VideoPreprocessor,
     'point_cloud': preprocessors.PointCloudPreprocessor,
 }
+# Those that can keep Fourier position features apart from the per-example
+# channels (`byte_array.SplitByteArray`); build_model asks them to.
+SPLITS_POSITIONS = ('image', 'audio', 'spectrogram', 'video')
 
 DECODERS: Mapping[str, Callable[..., Any]] = {
     'average': perceiver.AverageDecoder,
@@ -62,7 +68,7 @@ class PermutedPreprocessor(hk.Module):
   def __call__(self, inputs: Any, *, is_training: bool):
     x, mask = self._preprocessor(inputs, is_training=is_training)
     perm = preprocessors.make_permutation(x.shape[1], self._seed)
-    x = x[:, perm]  # [B, M, C]
+    x = byte_array.take(x, perm)  # [B, M, C]
     if mask is not None:
       mask = mask[:, perm]
     return x, mask
@@ -99,7 +105,8 @@ def _lookup(table: Mapping[str, Any], kind: str, what: str):
 
 def build_preprocessor(section: ml_collections.ConfigDict,
                        name: Optional[str] = None, *,
-                       select_input: bool = True):
+                       select_input: bool = True,
+                       split_positions: bool = False):
   """Returns the preprocessor module a config section describes.
 
   Args:
@@ -107,6 +114,8 @@ def build_preprocessor(section: ml_collections.ConfigDict,
     name: module name.
     select_input: honour `input_key`; False for the modalities of a
       multimodal preprocessor, which receive their own input already.
+    split_positions: where the preprocessor can (SPLITS_POSITIONS), return
+      byte arrays with Fourier features as `byte_array.SplitByteArray`.
   """
   kind = section.type
   if kind == 'multimodal':
@@ -120,8 +129,10 @@ def build_preprocessor(section: ml_collections.ConfigDict,
                   'input_key'))
   else:
     cls = _lookup(PREPROCESSORS, kind, 'preprocessor')
-    module = cls(name=name, **_kwargs(section, 'type', 'permutation_seed',
-                                      'input_key'))
+    kwargs = _kwargs(section, 'type', 'permutation_seed', 'input_key')
+    if split_positions and kind in SPLITS_POSITIONS:
+      kwargs['split_positions'] = True
+    module = cls(name=name, **kwargs)
   if select_input and kind != 'multimodal' and section.get('input_key'):
     module = _SelectInput(module, section.input_key)
   seed = section.get('permutation_seed')
@@ -135,7 +146,8 @@ def build_model(config: ml_collections.ConfigDict) -> perceiver.Perceiver:
   decoder_cls = _lookup(DECODERS, config.decoder.type, 'decoder')
   return perceiver.Perceiver(
       preprocessor=build_preprocessor(config.preprocessor,
-                                      name='preprocessor'),
+                                      name='preprocessor',
+                                      split_positions=True),
       encoder=perceiver.PerceiverEncoder(
           name='encoder', **_kwargs(config.encoder)),
       decoder=decoder_cls(name='decoder', **_kwargs(config.decoder, 'type')),

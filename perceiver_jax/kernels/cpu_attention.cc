@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cblas.h"
@@ -182,23 +183,18 @@ ffi::ErrorOr<Layout> CheckShapes(const ffi::Buffer<ffi::F32>& q,
   return Layout{qd[0], qd[1], kd[1], qd[2], qd[3], vd[3]};
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                   ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::ResultBuffer<ffi::F32> out,
-                   ffi::ResultBuffer<ffi::F32> lse) {
-  auto layout = CheckShapes(q, k, v);
-  if (layout.has_error()) return layout.error();
-  const Layout at = *layout;
+// The forward pass over (example, head, tile of queries) work items, for any
+// source of keys and values: `tiles(b, h, key, keys, scratch)` returns the
+// (key, value) rows key .. key + keys - 1 of example b, head h, as matrices
+// that may point into `scratch` (kKeyTile * max(K, V) floats per item).
+template <typename KeyValueTiles>
+void ForwardTiles(ffi::ThreadPool& pool, const Layout& at, const float* q_data,
+                  KeyValueTiles tiles, float* out_data, float* lse_data) {
   const auto [batch, n, m, heads, kk, vv] = at;
-  const float* q_data = q.typed_data();
-  const float* k_data = k.typed_data();
-  const float* v_data = v.typed_data();
-  float* out_data = out->typed_data();
-  float* lse_data = lse->typed_data();
   if (m == 0) {  // No keys: nothing to attend to.
     std::fill(out_data, out_data + batch * n * heads * vv, 0.0f);
     std::fill(lse_data, lse_data + batch * heads * n, -INFINITY);
-    return ffi::Error::Success();
+    return;
   }
   // Work items: (example, head, tile of queries).
   const int64_t pairs = batch * heads;
@@ -211,8 +207,6 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     const int64_t rows = std::min(tile_rows, n - row);
     const Matrix q_tile{q_data + at.QueryOffset(b, h) + row * heads * kk,
                         heads * kk};
-    const Matrix keys_bh{k_data + at.KeyOffset(b, h), heads * kk};
-    const Matrix values_bh{v_data + at.ValueOffset(b, h), heads * vv};
     // The output rows hold the unnormalised sums until the end.
     float* acc = out_data + at.OutOffset(b, h) + row * heads * vv;
     const int64_t acc_stride = heads * vv;
@@ -221,11 +215,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     }
     // The online softmax: running max and sum of exp(logit - max) per query.
     std::vector<float> weights(rows * kKeyTile), running_max(rows),
-        denom(rows, 0.0f);
+        denom(rows, 0.0f), scratch;
     for (int64_t key = 0; key < m; key += kKeyTile) {
       const int64_t keys = std::min(kKeyTile, m - key);
-      ProductTransposed(rows, keys, kk, q_tile,
-                        {keys_bh.Row(key), keys_bh.stride}, weights.data());
+      const auto [k_tile, v_tile] = tiles(b, h, key, keys, scratch);
+      ProductTransposed(rows, keys, kk, q_tile, k_tile, weights.data());
       for (int64_t i = 0; i < rows; ++i) {
         if (key == 0) {
           running_max[i] = ExpShifted(weights.data() + i * keys, keys,
@@ -245,8 +239,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
           for (int64_t c = 0; c < vv; ++c) acc_i[c] *= correction;
         }
       }
-      AddProduct(false, rows, vv, keys, weights.data(),
-                 {values_bh.Row(key), values_bh.stride}, acc, acc_stride);
+      AddProduct(false, rows, vv, keys, weights.data(), v_tile, acc,
+                 acc_stride);
     }
     float* lse_tile = lse_data + at.StatsOffset(b, h) + row;
     for (int64_t i = 0; i < rows; ++i) {
@@ -256,6 +250,80 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       lse_tile[i] = running_max[i] + std::log(denom[i]);
     }
   });
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                   ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::ResultBuffer<ffi::F32> out,
+                   ffi::ResultBuffer<ffi::F32> lse) {
+  auto layout = CheckShapes(q, k, v);
+  if (layout.has_error()) return layout.error();
+  const Layout at = *layout;
+  const float* k_data = k.typed_data();
+  const float* v_data = v.typed_data();
+  auto tiles = [=](int64_t b, int64_t h, int64_t key, int64_t,
+                   std::vector<float>&) {
+    return std::pair<Matrix, Matrix>{
+        {k_data + at.KeyOffset(b, h) + key * at.heads * at.k,
+         at.heads * at.k},
+        {v_data + at.ValueOffset(b, h) + key * at.heads * at.v,
+         at.heads * at.v}};
+  };
+  ForwardTiles(pool, at, q.typed_data(), tiles, out->typed_data(),
+               lse->typed_data());
+  return ffi::Error::Success();
+}
+
+// One head over a byte array held in two parts, standardised per row on the
+// fly: the keys and values of input m of example b are both
+//   x_bm = ([features_bm, shared_m] - mean_bm) * inv_std_bm,
+// features [B, M, F] per example, shared [M, P] the same for every example
+// (position features), mean and inv_std [B, M]. Each tile of 256 such rows
+// is written to a per-item buffer (136 KiB at F + P = 133) just before the
+// products that read it, so the [B, M, F + P] array is never held.
+ffi::Error StandardizedForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                               ffi::Buffer<ffi::F32> features,
+                               ffi::Buffer<ffi::F32> shared,
+                               ffi::Buffer<ffi::F32> mean,
+                               ffi::Buffer<ffi::F32> inv_std,
+                               ffi::ResultBuffer<ffi::F32> out,
+                               ffi::ResultBuffer<ffi::F32> lse) {
+  auto qd = q.dimensions(), fd = features.dimensions(),
+       sd = shared.dimensions(), md = mean.dimensions(),
+       id = inv_std.dimensions();
+  if (qd.size() != 4 || qd[2] != 1 || fd.size() != 3 || sd.size() != 2 ||
+      fd[0] != qd[0] || sd[0] != fd[1] || qd[3] != fd[2] + sd[1] ||
+      md.size() != 2 || md[0] != fd[0] || md[1] != fd[1] || id.size() != 2 ||
+      id[0] != md[0] || id[1] != md[1]) {
+    return InvalidArgument(
+        "expected q [B, N, 1, F + P], features [B, M, F], shared [M, P], "
+        "mean and inv_std [B, M].");
+  }
+  const int64_t m = fd[1], f = fd[2], p = sd[1], c = f + p;
+  const Layout at{qd[0], qd[1], m, 1, c, c};
+  const float* features_data = features.typed_data();
+  const float* shared_data = shared.typed_data();
+  const float* mean_data = mean.typed_data();
+  const float* inv_std_data = inv_std.typed_data();
+  auto tiles = [=](int64_t b, int64_t, int64_t key, int64_t keys,
+                   std::vector<float>& scratch) {
+    scratch.resize(kKeyTile * c);
+    for (int64_t j = 0; j < keys; ++j) {
+      const int64_t row = b * m + key + j;
+      const float mu = mean_data[row], s = inv_std_data[row];
+      const float* x = features_data + row * f;
+      const float* pos = shared_data + (key + j) * p;
+      float* dst = scratch.data() + j * c;
+#pragma omp simd
+      for (int64_t i = 0; i < f; ++i) dst[i] = (x[i] - mu) * s;
+#pragma omp simd
+      for (int64_t i = 0; i < p; ++i) dst[f + i] = (pos[i] - mu) * s;
+    }
+    const Matrix tile{scratch.data(), c};
+    return std::pair<Matrix, Matrix>{tile, tile};
+  };
+  ForwardTiles(pool, at, q.typed_data(), tiles, out->typed_data(),
+               lse->typed_data());
   return ffi::Error::Success();
 }
 
@@ -405,3 +473,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PerceiverJaxCpuAttentionBwd, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dv
                                   .Attr<bool>("need_dq")
                                   .Attr<bool>("need_dkv"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PerceiverJaxCpuAttentionStandardizedFwd,
+                              StandardizedForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // features
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // shared
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // inv_std
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // lse

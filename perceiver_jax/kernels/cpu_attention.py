@@ -19,6 +19,15 @@ Whether a model uses it: `enabled()`, true when `cpu_matmul.enabled()` (the
 same library, the same 'auto' / 'blas' / 'xla' backend) and the innermost
 `fused(flag)` context allows it (the model config's `fused_cpu_attention`,
 default True). As for `cpu_matmul`, the choice is made while tracing.
+
+`standardized_attention(q, features, shared, mean, inv_std)` is the one-head
+case where keys and values are both the standardised rows of a byte array
+held in two parts, per-example features [B, M, F] and position features
+[M, P] that every example shares: its forward kernel builds each tile of
+rows (x - mean) * inv_std just before using it, so neither the [B, M, F + P]
+byte array nor its standardised copy is ever held (the forward pass's memory
+then grows with the input as the [B, M, F] features do). Its backward pass
+builds the standardised rows once and runs the backward kernel above.
 """
 
 import contextlib
@@ -32,7 +41,8 @@ from perceiver_jax.kernels import cpu_matmul
 
 FORWARD_TARGET = 'perceiver_jax_cpu_attention_fwd'
 BACKWARD_TARGET = 'perceiver_jax_cpu_attention_bwd'
-TARGETS = (FORWARD_TARGET, BACKWARD_TARGET)
+STANDARDIZED_FORWARD_TARGET = 'perceiver_jax_cpu_attention_standardized_fwd'
+TARGETS = (FORWARD_TARGET, BACKWARD_TARGET, STANDARDIZED_FORWARD_TARGET)
 # How calls of the kernels read in compiled HLO text.
 HLO_CALLS = tuple(f'custom_call_target="{t}"' for t in TARGETS)
 
@@ -127,14 +137,108 @@ def _attention_bwd(residuals, g):
 _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 
 
+def standardized_attention(q: jax.Array, features: jax.Array,
+                           shared: jax.Array, mean: jax.Array,
+                           inv_std: jax.Array) -> jax.Array:
+  """One-head softmax(q x^T) x over standardised rows of a split byte array.
+
+  x_bm = ([features_bm, shared_m] - mean_bm) * inv_std_bm is never held
+  whole by the forward pass (see the module docstring).
+
+  Args:
+    q: [B, N, F + P] float32 queries, already scaled.
+    features: [B, M, F] float32, the per-example channels.
+    shared: [M, P] float32, the channels every example shares.
+    mean: [B, M] float32, subtracted from every channel of a row.
+    inv_std: [B, M] float32, multiplying every centred row.
+
+  Returns:
+    [B, N, F + P] float32, differentiable in every argument.
+
+  Raises:
+    ValueError: shapes that do not match, or other dtypes.
+    cpu_matmul.BuildError: the kernels do not build.
+  """
+  args = (q, features, shared, mean, inv_std)
+  if (q.ndim != 3 or features.ndim != 3 or shared.ndim != 2 or
+      features.shape[0] != q.shape[0] or shared.shape[0] != features.shape[1]
+      or q.shape[-1] != features.shape[-1] + shared.shape[-1] or
+      mean.shape != features.shape[:2] or inv_std.shape != mean.shape):
+    raise ValueError(
+        'standardized_attention needs q [B, N, F + P], features [B, M, F], '
+        'shared [M, P], mean and inv_std [B, M]; got '
+        f'{", ".join(str(x.shape) for x in args)}.')
+  dtypes = {x.dtype for x in args}
+  if dtypes != {jnp.dtype(jnp.float32)}:
+    raise ValueError('cpu_attention runs in float32; got '
+                     f'{sorted(map(str, dtypes))}.')
+  cpu_matmul.register()
+  return _standardized(q[:, :, None], features, shared, mean,
+                       inv_std)[:, :, 0]
+
+
+def standardized_rows(features: jax.Array, shared: jax.Array,
+                      mean: jax.Array, inv_std: jax.Array) -> jax.Array:
+  """([features, shared] - mean) * inv_std: [B, M, F + P], in jnp."""
+  shared = jnp.broadcast_to(shared, features.shape[:2] + shared.shape[-1:])
+  rows = jnp.concatenate([features, shared], axis=-1)
+  return (rows - mean[..., None]) * inv_std[..., None]
+
+
+@jax.custom_vjp
+def _standardized(q, features, shared, mean, inv_std):
+  return _standardized_fwd(q, features, shared, mean, inv_std)[0]
+
+
+def _standardized_fwd(q, features, shared, mean, inv_std):
+  need = [getattr(x, 'perturbed', True)
+          for x in (q, features, shared, mean, inv_std)]
+  q, features, shared, mean, inv_std = (
+      getattr(x, 'value', x) for x in (q, features, shared, mean, inv_std))
+  batch, n, _, width = q.shape
+  out, lse = jax.ffi.ffi_call(STANDARDIZED_FORWARD_TARGET, (
+      jax.ShapeDtypeStruct((batch, n, 1, width), jnp.float32),
+      jax.ShapeDtypeStruct((batch, 1, n), jnp.float32)),
+                              vmap_method='sequential')(
+                                  q, features, shared, mean, inv_std)
+  return out, (q, (features, shared, mean, inv_std), out, lse, need)
+
+
+def _standardized_bwd(residuals, g):
+  q, parts, out, lse, need = residuals
+  need_dq, need_dparts = need[0], any(need[1:])
+  rows, rows_vjp = jax.vjp(standardized_rows, *parts)  # [B, M, F + P]
+  rows = rows[:, :, None]
+  d = jnp.swapaxes(jnp.sum(g * out, axis=-1), 1, 2)  # [B, 1, N]
+  shapes = [x.shape if wanted else (0,) * 4
+            for x, wanted in ((q, need_dq), (rows, need_dparts),
+                              (rows, need_dparts))]
+  dq, dk, dv = jax.ffi.ffi_call(BACKWARD_TARGET, tuple(
+      jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes),
+                                vmap_method='sequential')(
+                                    q, rows, rows, g, lse, d, need_dq=need_dq,
+                                    need_dkv=need_dparts)
+  dparts = (rows_vjp((dk + dv)[:, :, 0]) if need_dparts
+            else (None,) * len(parts))
+  return (dq if need_dq else None, *dparts)
+
+
+_standardized.defvjp(_standardized_fwd, _standardized_bwd,
+                     symbolic_zeros=True)
+
+
 def flops(target: str, q_shape, k_shape, v_shape, need_dq: bool = True,
           need_dkv: bool = True) -> int:
   """Matmul FLOPs (2 per multiply-add) of one call of a kernel, from its
-  operands' shapes: forward q k^T and p v; backward q k^T again, g v^T, and
-  the gradients asked for: dq = ds k, dk = ds^T q and dv = p^T g."""
+  first three operands' shapes: forward q k^T and p v; backward q k^T
+  again, g v^T, and the gradients asked for: dq = ds k, dk = ds^T q and
+  dv = p^T g. For the standardised forward, (q, features, shared): keys and
+  values both F + P wide."""
   batch, n, heads, depth = q_shape
   m, width = k_shape[1], v_shape[-1]
   per_product = 2 * batch * heads * n * m
+  if target == STANDARDIZED_FORWARD_TARGET:
+    return per_product * 2 * depth
   if target == FORWARD_TARGET:
     return per_product * (depth + width)
   if target == BACKWARD_TARGET:

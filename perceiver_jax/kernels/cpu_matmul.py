@@ -61,6 +61,8 @@ _HANDLERS = {
     TARGET: 'PerceiverJaxCpuMatmul',
     'perceiver_jax_cpu_attention_fwd': 'PerceiverJaxCpuAttentionFwd',
     'perceiver_jax_cpu_attention_bwd': 'PerceiverJaxCpuAttentionBwd',
+    'perceiver_jax_cpu_attention_standardized_fwd':
+        'PerceiverJaxCpuAttentionStandardizedFwd',
 }
 
 _backend = contextvars.ContextVar('perceiver_jax_cpu_matmul', default='auto')

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 
 from perceiver_jax.kernels import cpu_attention
 from perceiver_jax.kernels import cpu_matmul
+from perceiver_jax.modules import byte_array
 
 FORMULATIONS = ('auto', 'direct', 'reformulated')
 
@@ -69,9 +70,14 @@ class LayerNorm(hk.LayerNorm):
     """[..., C] -> (x - mean) / std * scale + offset, [..., C]."""
     return _layer_norm(x, *self._affine(x), self.eps)
 
-  def standardize(self, x: jax.Array
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """[..., C] -> ((x - mean) / std [..., C], scale [C], offset [C])."""
+  def standardize(self, x: byte_array.ByteArray
+                  ) -> tuple[byte_array.ByteArray, jax.Array, jax.Array]:
+    """[..., C] -> ((x - mean) / std [..., C], scale [C], offset [C]).
+
+    A SplitByteArray x gives a StandardizedByteArray: statistics only.
+    """
+    if isinstance(x, byte_array.SplitByteArray):
+      return (byte_array.standardize(x, self.eps), *self._affine(x))
     normalized, _ = _standardize(x, self.eps)
     return (normalized, *self._affine(x))
 
@@ -604,20 +610,23 @@ class Attention(hk.Module):
         num_uses=self._num_uses)
     return min(costs, key=costs.get)
 
-  def prepare_kv(self, inputs_kv: jax.Array, num_queries: int,
+  def prepare_kv(self, inputs_kv: byte_array.ByteArray, num_queries: int,
                  affine: Optional[tuple[jax.Array, jax.Array]] = None
                  ) -> dict[str, Any]:
     """The key/value side for queries of length N, from [B, M, C] inputs.
 
     `affine` = (scale, offset), both [C], means the keys and values are
     computed from inputs_kv * scale + offset; the pair is folded into the
-    key/value maps instead of being applied to the [B, M, C] inputs.
+    key/value maps instead of being applied to the [B, M, C] inputs. Inputs
+    held in parts (`byte_array`) stay so in the reformulated formulation;
+    the direct one builds them.
     """
     formulation = self.formulation(num_queries, *inputs_kv.shape[1:])
     prepared = {'formulation': formulation, 'inputs': inputs_kv,
                 'affine': affine}
     if formulation == 'reformulated':
       return prepared
+    inputs_kv = byte_array.dense(inputs_kv)
     channels = inputs_kv.shape[-1]
     qk, v = self._widths(channels)
     h = self._num_heads
@@ -664,10 +673,9 @@ class Attention(hk.Module):
       w_v, b_v = self._folded(self._value.params(kv_channels, v_channels),
                               affine)
       q_in = jnp.dot(q, w_k.T.astype(q.dtype))  # [B, N, C]
-      attended = dot_product_attention(
-          q_in[:, :, None], inputs_kv[:, :, None], inputs_kv[:, :, None],
-          mask, scale=1.0 / math.sqrt(qk), chunk_size=self._chunk_size)
-      out = jnp.dot(attended[:, :, 0], w_v.astype(q.dtype))  # [B, N, V]
+      attended = _attend_to_inputs(q_in, inputs_kv, mask, 1.0 / math.sqrt(qk),
+                                   self._chunk_size)  # [B, N, C]
+      out = jnp.dot(attended, w_v.astype(q.dtype))  # [B, N, V]
       bias = b_v.astype(q.dtype)
       if mask is not None:  # Rows with no real key attend to nothing.
         any_key = _check_mask(mask, *q.shape[:2], inputs_kv.shape[1])
@@ -680,6 +688,26 @@ class Attention(hk.Module):
       out = out.reshape(out.shape[:-2] + (v_channels,))  # [B, N, H*V]
     out = self._output(out, output_channels)
     return _dropout(out, self._dropout_prob, is_training)
+
+
+def _attend_to_inputs(q: jax.Array, inputs: byte_array.ByteArray,
+                      mask: Optional[jax.Array], scale: float,
+                      chunk_size: Optional[int]) -> jax.Array:
+  """One-head softmax(q x^T * scale) x: q [B, N, C], inputs x [B, M, C].
+
+  Standardised inputs held in parts go to the fused CPU kernel that never
+  builds them (`cpu_attention.standardized_attention`) when
+  `dot_product_attention` would use the fused kernel too.
+  """
+  if (isinstance(inputs, byte_array.StandardizedByteArray) and
+      mask is None and cpu_attention.enabled() and
+      {q.dtype, inputs.dtype} == {jnp.dtype(jnp.float32)}):
+    split = inputs.inputs
+    return cpu_attention.standardized_attention(
+        q * scale, split.features, split.shared, inputs.mean, inputs.inv_std)
+  x = byte_array.dense(inputs)[:, :, None]  # [B, M, 1, C]
+  return dot_product_attention(q[:, :, None], x, x, mask, scale=scale,
+                               chunk_size=chunk_size)[:, :, 0]
 
 
 class CrossAttention(hk.Module):

@@ -10,7 +10,11 @@ Every preprocessor is called as `pre(inputs, *, is_training)` and returns
 (byte array [B, M, C], mask [B, M] or None); the mask is boolean, True for
 real inputs. Position features are CONCATENATED to the input channels (P1
 Sec. 3.2: adding them was worse). A grid's Fourier features are built once
-with NumPy at trace time and enter the computation as a constant.
+with NumPy at trace time and enter the computation as a constant. With
+`split_positions=True` (image, audio, spectrogram and video preprocessors),
+a byte array with Fourier features comes back as a
+`byte_array.SplitByteArray` of the [B, M, F] features and the [M, P]
+position features, which the encoder can read without building [B, M, C].
 
 Each preprocessor also has `output_shape(input_shape) -> (M, C)`, pure
 Python; `compute_output_shape` calls it without a surrounding hk.transform.
@@ -31,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from perceiver_jax.modules import byte_array
 from perceiver_jax.modules import position_encoding
 
 Resolution = Union[int, Sequence[int], None]
@@ -152,17 +157,15 @@ def extract_patches(x: jax.Array, patch_shape: Sequence[int]) -> jax.Array:
 
 
 def _concat_grid_fourier(x: jax.Array, grid: tuple[int, ...], num_bands: int,
-                         max_resolution: tuple[int, ...]) -> jax.Array:
-  """[B, M, F] -> [B, M, F + d(2K+1)] with the grid's Fourier features."""
+                         max_resolution: tuple[int, ...], split: bool
+                         ) -> byte_array.ByteArray:
+  """[B, M, F] -> [B, M, F + d(2K+1)] with the grid's Fourier features
+  (a SplitByteArray if `split`)."""
   pos = position_encoding.grid_fourier_features(grid, num_bands,
                                                 max_resolution)  # [M, P]
-  # Positions follow the data's dtype (e.g. a bfloat16 policy). Written as
-  # [x, 0] + [0, pos]: XLA:CPU builds that in one pass, where concatenating
-  # with the broadcast positions first materialises the broadcast (2x time).
-  features = x.shape[-1]
-  pos = jnp.pad(jnp.asarray(pos, x.dtype), ((0, 0), (features, 0)))
-  x = jnp.pad(x, ((0, 0), (0, 0), (0, pos.shape[-1] - features)))
-  return x + pos  # [B, M, F + P]
+  # Positions follow the data's dtype (e.g. a bfloat16 policy).
+  x = byte_array.SplitByteArray(x, jnp.asarray(pos, x.dtype))
+  return x if split else x.dense()  # [B, M, F + P]
 
 
 class _GridPreprocessor(hk.Module):
@@ -173,12 +176,13 @@ class _GridPreprocessor(hk.Module):
   """
 
   def __init__(self, num_freq_bands: int, max_resolution: Resolution,
-               name: Optional[str]):
+               split_positions: bool, name: Optional[str]):
     super().__init__(name=name)
     _check_positive(num_freq_bands=num_freq_bands)
     _check_resolution(max_resolution, 'max_resolution')
     self._num_freq_bands = num_freq_bands
     self._max_resolution = max_resolution
+    self._split_positions = split_positions
 
   def _layout(self, input_shape: tuple[int, ...]) -> tuple[tuple[int, ...],
                                                            int]:
@@ -203,7 +207,8 @@ class _GridPreprocessor(hk.Module):
     x = self._features(inputs)  # [B, *grid, F]
     x = x.reshape(x.shape[0], math.prod(grid), x.shape[-1])  # [B, M, F]
     x = _concat_grid_fourier(x, grid, self._num_freq_bands,
-                             _resolve_resolution(self._max_resolution, grid))
+                             _resolve_resolution(self._max_resolution, grid),
+                             self._split_positions)
     return x, None
 
 
@@ -227,7 +232,8 @@ class ImagePreprocessor(hk.Module):
     'none'     no position features (P = 0).
   If `permutation` (int [M]) is given it reorders the M inputs of the final
   [B, M, F + P] array, AFTER position features are attached (permuted
-  ImageNet, P1 Tab. 2).
+  ImageNet, P1 Tab. 2). `split_positions`: Fourier features come back as a
+  SplitByteArray (module docstring).
   """
 
   def __init__(self, prep_type: str = 'pixels', patch_size: int = 16,
@@ -238,6 +244,7 @@ class ImagePreprocessor(hk.Module):
                learned_pos_channels: int = 128,
                learned_pos_init_scale: float = 1.0,
                permutation: Optional[np.ndarray] = None,
+               split_positions: bool = False,
                name: Optional[str] = None):
     """Initialises the module; see the class docstring for the options.
 
@@ -276,6 +283,7 @@ class ImagePreprocessor(hk.Module):
     self._learned_pos_channels = learned_pos_channels
     self._learned_pos_init_scale = learned_pos_init_scale
     self._permutation = permutation
+    self._split_positions = split_positions
 
   def _layout(self, input_shape: Sequence[int]) -> tuple[tuple[int, int],
                                                          int]:
@@ -317,7 +325,7 @@ class ImagePreprocessor(hk.Module):
 
   def __call__(self, inputs: jax.Array, *,
                is_training: bool) -> tuple[jax.Array, None]:
-    """Maps images [B, H, W, F] to ([B, M, C], None)."""
+    """Maps images [B, H, W, F] to ([B, M, C] or its split form, None)."""
     del is_training  # Deterministic.
     _check_float(inputs, 'ImagePreprocessor')
     grid, _ = self._layout(inputs.shape[1:])
@@ -340,7 +348,8 @@ class ImagePreprocessor(hk.Module):
     if self._position_encoding_type == 'fourier':
       x = _concat_grid_fourier(
           x, grid, self._num_freq_bands,
-          _resolve_resolution(self._max_resolution, grid))
+          _resolve_resolution(self._max_resolution, grid),
+          self._split_positions)
     elif self._position_encoding_type == 'learned':
       pos = position_encoding.LearnedPositionEncoding(
           num_positions, self._learned_pos_channels,
@@ -349,7 +358,7 @@ class ImagePreprocessor(hk.Module):
       x = jnp.concatenate([x, pos.astype(x.dtype)], axis=-1)
 
     if self._permutation is not None:
-      x = x[:, self._permutation]  # [B, M, C]
+      x = byte_array.take(x, self._permutation)  # [B, M, C]
     return x, None
 
 
@@ -362,8 +371,9 @@ class AudioPreprocessor(_GridPreprocessor):
 
   def __init__(self, samples_per_patch: int = 128, num_freq_bands: int = 64,
                max_resolution: Resolution = None,
-               name: Optional[str] = None):
-    super().__init__(num_freq_bands, max_resolution, name=name)
+               split_positions: bool = False, name: Optional[str] = None):
+    super().__init__(num_freq_bands, max_resolution, split_positions,
+                     name=name)
     _check_positive(samples_per_patch=samples_per_patch)
     self._samples_per_patch = samples_per_patch
 
@@ -390,8 +400,9 @@ class SpectrogramPreprocessor(_GridPreprocessor):
 
   def __init__(self, patch_shape: Sequence[int] = (1, 1),
                num_freq_bands: int = 32, max_resolution: Resolution = None,
-               name: Optional[str] = None):
-    super().__init__(num_freq_bands, max_resolution, name=name)
+               split_positions: bool = False, name: Optional[str] = None):
+    super().__init__(num_freq_bands, max_resolution, split_positions,
+                     name=name)
     patch_shape = tuple(patch_shape)
     if len(patch_shape) != 2:
       raise ValueError(
@@ -419,8 +430,9 @@ class VideoPreprocessor(_GridPreprocessor):
 
   def __init__(self, patch_shape: Sequence[int] = (2, 8, 8),
                num_freq_bands: int = 16, max_resolution: Resolution = None,
-               name: Optional[str] = None):
-    super().__init__(num_freq_bands, max_resolution, name=name)
+               split_positions: bool = False, name: Optional[str] = None):
+    super().__init__(num_freq_bands, max_resolution, split_positions,
+                     name=name)
     patch_shape = tuple(patch_shape)
     if len(patch_shape) != 3:
       raise ValueError(

@@ -184,3 +184,82 @@ def test_masks_and_other_dtypes_stay_in_xla():
       q, k, v, mask), q, k, v) == 0
   bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
   assert _fused_calls(attention.dot_product_attention, *bf16) == 0
+
+
+def _split_operands(seed, batch, n, m, features, shared):
+  keys = jax.random.split(jax.random.key(seed), 6)
+  q = jax.random.normal(keys[0], (batch, n, features + shared)) * 0.3
+  x = jax.random.normal(keys[1], (batch, m, features)) * 2 + 1
+  pos = jax.random.uniform(keys[2], (m, shared), minval=-1, maxval=1)
+  mean = jax.random.normal(keys[3], (batch, m)) * 0.1
+  inv_std = jax.random.uniform(keys[4], (batch, m), minval=0.5, maxval=2)
+  g = jax.random.normal(keys[5], (batch, n, features + shared))
+  return q, x, pos, mean, inv_std, g
+
+
+def _dense_standardized_attention(q, x, pos, mean, inv_std):
+  rows = cpu_attention.standardized_rows(x, pos, mean, inv_std)[:, :, None]
+  return _xla_attention(q[:, :, None], rows, rows)[:, :, 0]
+
+
+SPLIT_SHAPES = [
+    # batch, n, m, features, shared
+    (2, 5, 7, 3, 4),           # One tile.
+    (3, 40, 600, 3, 130),      # Uneven key tiles; bench_a's channels.
+    (1, 300, 520, 1, 20),      # Two query tiles.
+    (2, 3, 9, 5, 0),           # No shared channels.
+]
+
+
+@pytest.mark.parametrize('shape', SPLIT_SHAPES)
+def test_standardized_attention_matches_the_built_rows(shape):
+  q, x, pos, mean, inv_std, _ = _split_operands(9, *shape)
+  rows = np.asarray(cpu_attention.standardized_rows(x, pos, mean, inv_std))
+  _assert_close(
+      jax.jit(cpu_attention.standardized_attention)(q, x, pos, mean, inv_std),
+      _reference(q[:, :, None], rows[:, :, None], rows[:, :, None])[:, :, 0])
+
+
+@pytest.mark.parametrize('shape', SPLIT_SHAPES[:3])
+@pytest.mark.parametrize('argnums', [(0,), (0, 1, 2, 3, 4), (1, 4)])
+def test_standardized_attention_gradients_match_xla(shape, argnums):
+  q, x, pos, mean, inv_std, g = _split_operands(10, *shape)
+  args = (q, x, pos, mean, inv_std)
+  grad = lambda fn: jax.jit(jax.grad(
+      lambda *a: jnp.sum(fn(*a) * g), argnums))(*args)
+  got = grad(cpu_attention.standardized_attention)
+  want = grad(_dense_standardized_attention)
+  for got_grad, want_grad in zip(got, want):
+    _assert_close(got_grad, want_grad)
+
+
+def test_standardized_attention_without_inputs_gives_zeros():
+  q, x, pos, mean, inv_std, _ = _split_operands(11, 2, 3, 0, 2, 3)
+  out = cpu_attention.standardized_attention(q, x, pos, mean, inv_std)
+  np.testing.assert_array_equal(out, np.zeros(q.shape))
+
+
+def test_standardized_attention_rejects_bad_operands():
+  q, x, pos, mean, inv_std, _ = _split_operands(12, 2, 3, 8, 2, 3)
+  for bad, match in [((q[..., :4], x, pos, mean, inv_std), 'F \\+ P'),
+                     ((q, x, pos[:5], mean, inv_std), 'shared \\[M, P\\]'),
+                     ((q, x, pos, mean[:, :5], inv_std), 'inv_std \\[B, M\\]'),
+                     ((q, x, pos, mean, inv_std[None]), 'inv_std \\[B, M\\]')]:
+    with pytest.raises(ValueError, match=match):
+      cpu_attention.standardized_attention(*bad)
+  with pytest.raises(ValueError, match='float32'):
+    cpu_attention.standardized_attention(
+        q, x.astype(jnp.bfloat16), pos, mean, inv_std)
+
+
+def test_standardized_attention_flops_are_counted():
+  batch, n, m, features, shared = 2, 8, 11, 3, 4
+  args = _split_operands(13, batch, n, m, features, shared)[:5]
+  width = features + shared
+  forward_flops = 2 * batch * n * m * 2 * width
+  assert flops.count_flops(cpu_attention.standardized_attention,
+                           *args) == forward_flops
+  hlo = jax.jit(cpu_attention.standardized_attention).lower(
+      *args).compile().as_text()
+  assert [i.dot_flops for i in profiling.parse_hlo(hlo).values()
+          if i.opcode == 'custom-call'] == [forward_flops]

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from perceiver_jax.modules import byte_array
 from perceiver_jax.modules import position_encoding
 from perceiver_jax.modules import preprocessors
 
@@ -416,3 +417,34 @@ class TestMultimodalPreprocessor:
       _run(make, jnp.zeros((1, 1)))
     with pytest.raises(ValueError, match='batch size'):
       _run(make, {'video': jnp.zeros((1, 1)), 'audio': jnp.zeros((2, 1))})
+
+
+@pytest.mark.parametrize('make, shape', [
+    (lambda s: preprocessors.ImagePreprocessor(
+        num_freq_bands=3, split_positions=s), (5, 6, 3)),
+    (lambda s: preprocessors.ImagePreprocessor(
+        'patches', patch_size=2, num_freq_bands=3,
+        permutation=preprocessors.make_permutation(6, 1),
+        split_positions=s), (4, 6, 2)),
+    (lambda s: preprocessors.AudioPreprocessor(
+        samples_per_patch=4, num_freq_bands=5, split_positions=s), (32,)),
+    (lambda s: preprocessors.SpectrogramPreprocessor(
+        num_freq_bands=2, split_positions=s), (6, 5)),
+    (lambda s: preprocessors.VideoPreprocessor(
+        patch_shape=(1, 2, 2), num_freq_bands=2, split_positions=s),
+     (2, 4, 4, 3)),
+])
+def test_split_positions_hold_the_same_byte_array(make, shape):
+  inputs = _image((2,) + shape)
+  (split, _), _ = _run(lambda: make(True), inputs)
+  (dense, _), _ = _run(lambda: make(False), inputs)
+  assert isinstance(split, byte_array.SplitByteArray)
+  assert split.shared.ndim == 2 and split.shape == dense.shape
+  np.testing.assert_array_equal(split.dense(), dense)
+
+
+def test_split_positions_leave_other_encodings_dense():
+  (x, _), _ = _run(lambda: preprocessors.ImagePreprocessor(
+      position_encoding_type='learned', learned_pos_channels=4,
+      split_positions=True), _image((2, 3, 3, 3)))
+  assert isinstance(x, jax.Array) and x.shape == (2, 9, 7)

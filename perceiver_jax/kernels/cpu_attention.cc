@@ -281,38 +281,23 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 // (position features), mean and inv_std [B, M]. Each tile of 256 such rows
 // is written to a per-item buffer (136 KiB at F + P = 133) just before the
 // products that read it, so the [B, M, F + P] array is never held.
-ffi::Error StandardizedForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                               ffi::Buffer<ffi::F32> features,
-                               ffi::Buffer<ffi::F32> shared,
-                               ffi::Buffer<ffi::F32> mean,
-                               ffi::Buffer<ffi::F32> inv_std,
-                               ffi::ResultBuffer<ffi::F32> out,
-                               ffi::ResultBuffer<ffi::F32> lse) {
-  auto qd = q.dimensions(), fd = features.dimensions(),
-       sd = shared.dimensions(), md = mean.dimensions(),
-       id = inv_std.dimensions();
-  if (qd.size() != 4 || qd[2] != 1 || fd.size() != 3 || sd.size() != 2 ||
-      fd[0] != qd[0] || sd[0] != fd[1] || qd[3] != fd[2] + sd[1] ||
-      md.size() != 2 || md[0] != fd[0] || md[1] != fd[1] || id.size() != 2 ||
-      id[0] != md[0] || id[1] != md[1]) {
-    return InvalidArgument(
-        "expected q [B, N, 1, F + P], features [B, M, F], shared [M, P], "
-        "mean and inv_std [B, M].");
-  }
-  const int64_t m = fd[1], f = fd[2], p = sd[1], c = f + p;
-  const Layout at{qd[0], qd[1], m, 1, c, c};
-  const float* features_data = features.typed_data();
-  const float* shared_data = shared.typed_data();
-  const float* mean_data = mean.typed_data();
-  const float* inv_std_data = inv_std.typed_data();
-  auto tiles = [=](int64_t b, int64_t, int64_t key, int64_t keys,
-                   std::vector<float>& scratch) {
+struct StandardizedRows {
+  const float* features;
+  const float* shared;
+  const float* mean;
+  const float* inv_std;
+  int64_t m, f, p;
+
+  std::pair<Matrix, Matrix> operator()(int64_t b, int64_t, int64_t key,
+                                       int64_t keys,
+                                       std::vector<float>& scratch) const {
+    const int64_t c = f + p;
     scratch.resize(kKeyTile * c);
     for (int64_t j = 0; j < keys; ++j) {
       const int64_t row = b * m + key + j;
-      const float mu = mean_data[row], s = inv_std_data[row];
-      const float* x = features_data + row * f;
-      const float* pos = shared_data + (key + j) * p;
+      const float mu = mean[row], s = inv_std[row];
+      const float* x = features + row * f;
+      const float* pos = shared + (key + j) * p;
       float* dst = scratch.data() + j * c;
 #pragma omp simd
       for (int64_t i = 0; i < f; ++i) dst[i] = (x[i] - mu) * s;
@@ -320,45 +305,65 @@ ffi::Error StandardizedForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       for (int64_t i = 0; i < p; ++i) dst[f + i] = (pos[i] - mu) * s;
     }
     const Matrix tile{scratch.data(), c};
-    return std::pair<Matrix, Matrix>{tile, tile};
-  };
-  ForwardTiles(pool, at, q.typed_data(), tiles, out->typed_data(),
+    return {tile, tile};
+  }
+};
+
+// The standardised rows' source and the one-head layout, from q
+// [B, N, 1, F + P], features [B, M, F], shared [M, P], mean and inv_std
+// [B, M].
+ffi::ErrorOr<std::pair<Layout, StandardizedRows>> CheckStandardized(
+    const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& features,
+    const ffi::Buffer<ffi::F32>& shared, const ffi::Buffer<ffi::F32>& mean,
+    const ffi::Buffer<ffi::F32>& inv_std) {
+  auto qd = q.dimensions(), fd = features.dimensions(),
+       sd = shared.dimensions(), md = mean.dimensions(),
+       id = inv_std.dimensions();
+  if (qd.size() != 4 || qd[2] != 1 || fd.size() != 3 || sd.size() != 2 ||
+      fd[0] != qd[0] || sd[0] != fd[1] || qd[3] != fd[2] + sd[1] ||
+      md.size() != 2 || md[0] != fd[0] || md[1] != fd[1] || id.size() != 2 ||
+      id[0] != md[0] || id[1] != md[1]) {
+    return ffi::Unexpected(InvalidArgument(
+        "expected q [B, N, 1, F + P], features [B, M, F], shared [M, P], "
+        "mean and inv_std [B, M]."));
+  }
+  const int64_t c = fd[2] + sd[1];
+  return std::pair<Layout, StandardizedRows>{
+      Layout{qd[0], qd[1], fd[1], 1, c, c},
+      StandardizedRows{features.typed_data(), shared.typed_data(),
+                       mean.typed_data(), inv_std.typed_data(), fd[1], fd[2],
+                       sd[1]}};
+}
+
+ffi::Error StandardizedForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                               ffi::Buffer<ffi::F32> features,
+                               ffi::Buffer<ffi::F32> shared,
+                               ffi::Buffer<ffi::F32> mean,
+                               ffi::Buffer<ffi::F32> inv_std,
+                               ffi::ResultBuffer<ffi::F32> out,
+                               ffi::ResultBuffer<ffi::F32> lse) {
+  auto checked = CheckStandardized(q, features, shared, mean, inv_std);
+  if (checked.has_error()) return checked.error();
+  const auto& [at, rows] = *checked;
+  ForwardTiles(pool, at, q.typed_data(), rows, out->typed_data(),
                lse->typed_data());
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                    ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> lse,
-                    ffi::Buffer<ffi::F32> d, ffi::ResultBuffer<ffi::F32> dq,
-                    ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv, bool need_dq,
-                    bool need_dkv) {
-  auto layout = CheckShapes(q, k, v);
-  if (layout.has_error()) return layout.error();
-  const Layout at = *layout;
+// The backward pass for any source of keys and values (see ForwardTiles);
+// dq, dk, dv are zero-filled here, and dk, dv are written only with need_dkv.
+template <typename KeyValueTiles>
+void BackwardTiles(ffi::ThreadPool& pool, const Layout& at,
+                   const float* q_data, KeyValueTiles tiles,
+                   const float* g_data, const float* lse_data,
+                   const float* d_data, float* dq_data, int64_t dq_size,
+                   float* dk_data, int64_t dk_size, float* dv_data,
+                   int64_t dv_size, bool need_dq, bool need_dkv) {
   const auto [batch, n, m, heads, kk, vv] = at;
-  // Gradients not needed are [0, 0, 0, 0] arrays, never touched.
-  if (dq->element_count() != (need_dq ? q.element_count() : 0) ||
-      dk->element_count() != (need_dkv ? k.element_count() : 0) ||
-      dv->element_count() != (need_dkv ? v.element_count() : 0)) {
-    return InvalidArgument("gradient buffers do not match need_dq/need_dkv.");
-  }
-  const float* q_data = q.typed_data();
-  const float* k_data = k.typed_data();
-  const float* v_data = v.typed_data();
-  const float* g_data = g.typed_data();
-  const float* lse_data = lse.typed_data();
-  const float* d_data = d.typed_data();
-  float* dq_data = dq->typed_data();
-  float* dk_data = dk->typed_data();
-  float* dv_data = dv->typed_data();
-  std::fill(dq_data, dq_data + dq->element_count(), 0.0f);
-  std::fill(dk_data, dk_data + dk->element_count(), 0.0f);
-  std::fill(dv_data, dv_data + dv->element_count(), 0.0f);
-  if (m == 0 || n == 0 || !(need_dq || need_dkv)) {
-    return ffi::Error::Success();
-  }
+  std::fill(dq_data, dq_data + dq_size, 0.0f);
+  std::fill(dk_data, dk_data + dk_size, 0.0f);
+  std::fill(dv_data, dv_data + dv_size, 0.0f);
+  if (m == 0 || n == 0 || !(need_dq || need_dkv)) return;
 
   // Work items: (example, head, a range of queries, a range of keys). With
   // dk and dv wanted, an item takes all queries and a part of the keys, and
@@ -386,8 +391,6 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     const int64_t last_key = std::min(m, first_key + part_keys);
     const Matrix q_bh{q_data + at.QueryOffset(b, h), heads * kk};
     const Matrix g_bh{g_data + at.OutOffset(b, h), heads * vv};
-    const Matrix keys_bh{k_data + at.KeyOffset(b, h), heads * kk};
-    const Matrix values_bh{v_data + at.ValueOffset(b, h), heads * vv};
     const float* lse_bh = lse_data + at.StatsOffset(b, h);
     const float* d_bh = d_data + at.StatsOffset(b, h);
     const bool partial = need_dq && parts > 1;
@@ -396,11 +399,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                            : dq_data + at.QueryOffset(b, h);
     const int64_t dq_stride = partial ? kk : heads * kk;
     std::vector<float> weights(kQueryTile * kKeyTile),
-        dlogits(kQueryTile * kKeyTile);
+        dlogits(kQueryTile * kKeyTile), scratch;
     for (int64_t key = first_key; key < last_key; key += kKeyTile) {
       const int64_t keys = std::min(kKeyTile, last_key - key);
-      const Matrix k_tile{keys_bh.Row(key), keys_bh.stride};
-      const Matrix v_tile{values_bh.Row(key), values_bh.stride};
+      const auto [k_tile, v_tile] = tiles(b, h, key, keys, scratch);
       for (int64_t row = first_row; row < last_row; row += kQueryTile) {
         const int64_t rows = std::min(kQueryTile, last_row - row);
         const Matrix q_tile{q_bh.Row(row), q_bh.stride};
@@ -445,6 +447,58 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       }
     }
   }
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                    ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                    ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> d, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> dv, bool need_dq,
+                    bool need_dkv) {
+  auto layout = CheckShapes(q, k, v);
+  if (layout.has_error()) return layout.error();
+  const Layout at = *layout;
+  // Gradients not needed are [0, 0, 0, 0] arrays, never touched.
+  if (dq->element_count() != (need_dq ? q.element_count() : 0) ||
+      dk->element_count() != (need_dkv ? k.element_count() : 0) ||
+      dv->element_count() != (need_dkv ? v.element_count() : 0)) {
+    return InvalidArgument("gradient buffers do not match need_dq/need_dkv.");
+  }
+  const float* k_data = k.typed_data();
+  const float* v_data = v.typed_data();
+  auto tiles = [=](int64_t b, int64_t h, int64_t key, int64_t,
+                   std::vector<float>&) {
+    return std::pair<Matrix, Matrix>{
+        {k_data + at.KeyOffset(b, h) + key * at.heads * at.k,
+         at.heads * at.k},
+        {v_data + at.ValueOffset(b, h) + key * at.heads * at.v,
+         at.heads * at.v}};
+  };
+  BackwardTiles(pool, at, q.typed_data(), tiles, g.typed_data(),
+                lse.typed_data(), d.typed_data(), dq->typed_data(),
+                dq->element_count(), dk->typed_data(), dk->element_count(),
+                dv->typed_data(), dv->element_count(), need_dq, need_dkv);
+  return ffi::Error::Success();
+}
+
+// dq alone of the standardised attention (StandardizedForward): the rows
+// are rebuilt tile by tile as in the forward pass.
+ffi::Error StandardizedBackward(
+    ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+    ffi::Buffer<ffi::F32> features, ffi::Buffer<ffi::F32> shared,
+    ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> inv_std,
+    ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> lse,
+    ffi::Buffer<ffi::F32> d, ffi::ResultBuffer<ffi::F32> dq) {
+  auto checked = CheckStandardized(q, features, shared, mean, inv_std);
+  if (checked.has_error()) return checked.error();
+  const auto& [at, rows] = *checked;
+  if (dq->element_count() != q.element_count()) {
+    return InvalidArgument("dq must be shaped as q.");
+  }
+  BackwardTiles(pool, at, q.typed_data(), rows, g.typed_data(),
+                lse.typed_data(), d.typed_data(), dq->typed_data(),
+                dq->element_count(), nullptr, 0, nullptr, 0, true, false);
   return ffi::Error::Success();
 }
 
@@ -485,3 +539,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PerceiverJaxCpuAttentionStandardizedFwd,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // inv_std
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
                                   .Ret<ffi::Buffer<ffi::F32>>());  // lse
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PerceiverJaxCpuAttentionStandardizedBwd,
+                              StandardizedBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // features
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // shared
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // inv_std
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dq

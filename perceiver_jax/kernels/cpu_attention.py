@@ -23,11 +23,12 @@ default True). As for `cpu_matmul`, the choice is made while tracing.
 `standardized_attention(q, features, shared, mean, inv_std)` is the one-head
 case where keys and values are both the standardised rows of a byte array
 held in two parts, per-example features [B, M, F] and position features
-[M, P] that every example shares: its forward kernel builds each tile of
-rows (x - mean) * inv_std just before using it, so neither the [B, M, F + P]
-byte array nor its standardised copy is ever held (the forward pass's memory
-then grows with the input as the [B, M, F] features do). Its backward pass
-builds the standardised rows once and runs the backward kernel above.
+[M, P] that every example shares: its kernels build each tile of rows
+(x - mean) * inv_std just before using it, so neither the [B, M, F + P]
+byte array nor its standardised copy is ever held (memory then grows with
+the input as the [B, M, F] features do). Where the byte array itself needs
+a gradient (a learned preprocessor), the backward pass builds the rows once
+and runs the backward kernel above for dq and the rows' gradient.
 """
 
 import contextlib
@@ -42,7 +43,9 @@ from perceiver_jax.kernels import cpu_matmul
 FORWARD_TARGET = 'perceiver_jax_cpu_attention_fwd'
 BACKWARD_TARGET = 'perceiver_jax_cpu_attention_bwd'
 STANDARDIZED_FORWARD_TARGET = 'perceiver_jax_cpu_attention_standardized_fwd'
-TARGETS = (FORWARD_TARGET, BACKWARD_TARGET, STANDARDIZED_FORWARD_TARGET)
+STANDARDIZED_BACKWARD_TARGET = 'perceiver_jax_cpu_attention_standardized_bwd'
+TARGETS = (FORWARD_TARGET, BACKWARD_TARGET, STANDARDIZED_FORWARD_TARGET,
+           STANDARDIZED_BACKWARD_TARGET)
 # How calls of the kernels read in compiled HLO text.
 HLO_CALLS = tuple(f'custom_call_target="{t}"' for t in TARGETS)
 
@@ -207,9 +210,15 @@ def _standardized_fwd(q, features, shared, mean, inv_std):
 def _standardized_bwd(residuals, g):
   q, parts, out, lse, need = residuals
   need_dq, need_dparts = need[0], any(need[1:])
+  d = jnp.swapaxes(jnp.sum(g * out, axis=-1), 1, 2)  # [B, 1, N]
+  if not need_dparts:
+    dq = jax.ffi.ffi_call(
+        STANDARDIZED_BACKWARD_TARGET,
+        jax.ShapeDtypeStruct(q.shape, jnp.float32),
+        vmap_method='sequential')(q, *parts, g, lse, d) if need_dq else None
+    return (dq,) + (None,) * len(parts)
   rows, rows_vjp = jax.vjp(standardized_rows, *parts)  # [B, M, F + P]
   rows = rows[:, :, None]
-  d = jnp.swapaxes(jnp.sum(g * out, axis=-1), 1, 2)  # [B, 1, N]
   shapes = [x.shape if wanted else (0,) * 4
             for x, wanted in ((q, need_dq), (rows, need_dparts),
                               (rows, need_dparts))]
@@ -218,9 +227,7 @@ def _standardized_bwd(residuals, g):
                                 vmap_method='sequential')(
                                     q, rows, rows, g, lse, d, need_dq=need_dq,
                                     need_dkv=need_dparts)
-  dparts = (rows_vjp((dk + dv)[:, :, 0]) if need_dparts
-            else (None,) * len(parts))
-  return (dq if need_dq else None, *dparts)
+  return (dq if need_dq else None, *rows_vjp((dk + dv)[:, :, 0]))
 
 
 _standardized.defvjp(_standardized_fwd, _standardized_bwd,
@@ -232,13 +239,15 @@ def flops(target: str, q_shape, k_shape, v_shape, need_dq: bool = True,
   """Matmul FLOPs (2 per multiply-add) of one call of a kernel, from its
   first three operands' shapes: forward q k^T and p v; backward q k^T
   again, g v^T, and the gradients asked for: dq = ds k, dk = ds^T q and
-  dv = p^T g. For the standardised forward, (q, features, shared): keys and
-  values both F + P wide."""
+  dv = p^T g. For the standardised kernels, (q, features, shared): keys
+  and values both F + P wide, and the backward computes dq alone."""
   batch, n, heads, depth = q_shape
   m, width = k_shape[1], v_shape[-1]
   per_product = 2 * batch * heads * n * m
   if target == STANDARDIZED_FORWARD_TARGET:
     return per_product * 2 * depth
+  if target == STANDARDIZED_BACKWARD_TARGET:
+    return per_product * 3 * depth
   if target == FORWARD_TARGET:
     return per_product * (depth + width)
   if target == BACKWARD_TARGET:

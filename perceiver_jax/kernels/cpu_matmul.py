@@ -63,6 +63,8 @@ _HANDLERS = {
     'perceiver_jax_cpu_attention_bwd': 'PerceiverJaxCpuAttentionBwd',
     'perceiver_jax_cpu_attention_standardized_fwd':
         'PerceiverJaxCpuAttentionStandardizedFwd',
+    'perceiver_jax_cpu_attention_standardized_bwd':
+        'PerceiverJaxCpuAttentionStandardizedBwd',
 }
 
 _backend = contextvars.ContextVar('perceiver_jax_cpu_matmul', default='auto')

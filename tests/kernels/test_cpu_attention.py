@@ -259,7 +259,15 @@ def test_standardized_attention_flops_are_counted():
   forward_flops = 2 * batch * n * m * 2 * width
   assert flops.count_flops(cpu_attention.standardized_attention,
                            *args) == forward_flops
-  hlo = jax.jit(cpu_attention.standardized_attention).lower(
-      *args).compile().as_text()
-  assert [i.dot_flops for i in profiling.parse_hlo(hlo).values()
-          if i.opcode == 'custom-call'] == [forward_flops]
+  # Backward for q alone (rows rebuilt per tile): q k^T, g v^T and ds k.
+  backward_flops = 2 * batch * n * m * 3 * width
+  g = _split_operands(13, batch, n, m, features, shared)[5]
+  grad = jax.grad(lambda *a: jnp.sum(
+      cpu_attention.standardized_attention(*a) * g))
+  hlo = jax.jit(grad).lower(*args).compile().as_text()
+  assert hlo.count(cpu_attention.STANDARDIZED_BACKWARD_TARGET) == 1
+  assert hlo.count(f'"{cpu_attention.BACKWARD_TARGET}"') == 0
+  assert sorted(i.dot_flops for i in profiling.parse_hlo(hlo).values()
+                if i.opcode == 'custom-call') == [forward_flops,
+                                                  backward_flops]
+  assert flops.count_flops(grad, *args) == forward_flops + backward_flops

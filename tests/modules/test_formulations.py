@@ -205,8 +205,9 @@ def test_split_inputs_match_the_dense_byte_array(formulation, fused, masked):
 
 
 def test_encoder_never_builds_the_split_byte_array():
-  """The compiled forward pass of a P1-style encoder on split inputs calls
-  the standardised kernel and holds no [B, M, C] array."""
+  """The compiled forward pass and parameter gradient of a P1-style encoder
+  on split inputs call the standardised kernels and hold no [B, M, C]
+  array."""
   split = _split_inputs(m=512)
   encoder = hk.transform(lambda x: perceiver.PerceiverEncoder(
       num_latents=4, latent_dim=8, num_cross_attends=2,
@@ -215,6 +216,10 @@ def test_encoder_never_builds_the_split_byte_array():
   params = encoder.init(jax.random.key(1), split)
   hlo = jax.jit(encoder.apply).lower(params, None, split).compile().as_text()
   assert hlo.count(cpu_attention.STANDARDIZED_FORWARD_TARGET) == 2
+  assert 'f32[2,512,13]' not in hlo
+  grad = jax.grad(lambda p, x: jnp.sum(encoder.apply(p, None, x) ** 2))
+  hlo = jax.jit(grad).lower(params, split).compile().as_text()
+  assert hlo.count(cpu_attention.STANDARDIZED_BACKWARD_TARGET) == 2
   assert 'f32[2,512,13]' not in hlo
   dense_hlo = jax.jit(encoder.apply).lower(
       params, None, split.dense()).compile().as_text()

@@ -252,6 +252,20 @@ void ForwardTiles(ffi::ThreadPool& pool, const Layout& at, const float* q_data,
   });
 }
 
+// Keys and values as given: k [B, M, H, K] and v [B, M, H, V].
+struct DenseTiles {
+  const float* k;
+  const float* v;
+  Layout at;
+
+  std::pair<Matrix, Matrix> operator()(int64_t b, int64_t h, int64_t key,
+                                       int64_t, std::vector<float>&) const {
+    return {{k + at.KeyOffset(b, h) + key * at.heads * at.k, at.heads * at.k},
+            {v + at.ValueOffset(b, h) + key * at.heads * at.v,
+             at.heads * at.v}};
+  }
+};
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                    ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::ResultBuffer<ffi::F32> out,
@@ -259,16 +273,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   auto layout = CheckShapes(q, k, v);
   if (layout.has_error()) return layout.error();
   const Layout at = *layout;
-  const float* k_data = k.typed_data();
-  const float* v_data = v.typed_data();
-  auto tiles = [=](int64_t b, int64_t h, int64_t key, int64_t,
-                   std::vector<float>&) {
-    return std::pair<Matrix, Matrix>{
-        {k_data + at.KeyOffset(b, h) + key * at.heads * at.k,
-         at.heads * at.k},
-        {v_data + at.ValueOffset(b, h) + key * at.heads * at.v,
-         at.heads * at.v}};
-  };
+  const DenseTiles tiles{k.typed_data(), v.typed_data(), at};
   ForwardTiles(pool, at, q.typed_data(), tiles, out->typed_data(),
                lse->typed_data());
   return ffi::Error::Success();
@@ -465,16 +470,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       dv->element_count() != (need_dkv ? v.element_count() : 0)) {
     return InvalidArgument("gradient buffers do not match need_dq/need_dkv.");
   }
-  const float* k_data = k.typed_data();
-  const float* v_data = v.typed_data();
-  auto tiles = [=](int64_t b, int64_t h, int64_t key, int64_t,
-                   std::vector<float>&) {
-    return std::pair<Matrix, Matrix>{
-        {k_data + at.KeyOffset(b, h) + key * at.heads * at.k,
-         at.heads * at.k},
-        {v_data + at.ValueOffset(b, h) + key * at.heads * at.v,
-         at.heads * at.v}};
-  };
+  const DenseTiles tiles{k.typed_data(), v.typed_data(), at};
   BackwardTiles(pool, at, q.typed_data(), tiles, g.typed_data(),
                 lse.typed_data(), d.typed_data(), dq->typed_data(),
                 dq->element_count(), dk->typed_data(), dk->element_count(),

@@ -184,8 +184,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if mask is not None:
     mask = _check_mask(mask, batch, n, m)
   use_blas = cpu_matmul.enabled()
-  if mask is None and cpu_attention.enabled() and {
-      q.dtype, k.dtype, v.dtype} == {jnp.dtype(jnp.float32)}:
+  if _fused_kernel_applies(mask, q, k, v):
     # One fused kernel per pass, for any M: it never holds the [B, H, N, M]
     # logits, so chunk_size has nothing left to bound.
     return cpu_attention.attention(q * scale, k, v)
@@ -206,6 +205,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                 jnp.swapaxes(v, 1, 2), mask, scale, False,
                 use_blas)  # [B, H, N, V]
   return jnp.swapaxes(out, 1, 2)
+
+
+def _fused_kernel_applies(mask: Optional[jax.Array], *operands) -> bool:
+  """Whether attention over these operands runs as the fused CPU kernel:
+  unmasked, float32, and the kernel enabled while tracing."""
+  return (mask is None and cpu_attention.enabled() and
+          {x.dtype for x in operands} == {jnp.dtype(jnp.float32)})
 
 
 def _product(use_blas: bool):
@@ -700,8 +706,7 @@ def _attend_to_inputs(q: jax.Array, inputs: byte_array.ByteArray,
   `dot_product_attention` would use the fused kernel too.
   """
   if (isinstance(inputs, byte_array.StandardizedByteArray) and
-      mask is None and cpu_attention.enabled() and
-      {q.dtype, inputs.dtype} == {jnp.dtype(jnp.float32)}):
+      _fused_kernel_applies(mask, q, inputs)):
     split = inputs.inputs
     return cpu_attention.standardized_attention(
         q * scale, split.features, split.shared, inputs.mean, inputs.inv_std)

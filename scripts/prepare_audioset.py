@@ -7,9 +7,10 @@ r"""Converts the user's AudioSet clips + official CSVs into TFRecord shards.
 
 Runs once, so that training never decodes video: every clip found under
 --clip_dir (named `<YTID>.<ext>`, `<YTID>_<start>.<ext>` or
-`<YTID>_<start>_<end>.<ext>`, see perceiver_jax.data.audioset.clip_stems) is
-decoded with PyAV to 48 kHz mono audio and 25 fps square frames, padded or
-trimmed to --clip_seconds, and written to
+`<YTID>_<start>_<end>.<ext>`, see
+perceiver_jax.data.audioset_prepare.clip_stems) is decoded with PyAV to
+48 kHz mono audio and 25 fps square frames, padded or trimmed to
+--clip_seconds, and written to
 `OUTPUT_DIR/<split>-<NNNNN>.tfrecord` (--examples_per_shard per file) with
 `OUTPUT_DIR/metadata.json` describing the storage format. Splits can be
 prepared in separate runs into the same directory if the storage flags agree.
@@ -35,7 +36,9 @@ from typing import Any, Optional, Sequence
 from absl import logging
 import tensorflow as tf
 
+from perceiver_jax.data import audio_ops
 from perceiver_jax.data import audioset
+from perceiver_jax.data import audioset_prepare
 
 _LISTED = 20  # Ids listed in the JSON summary; the .txt files list all.
 
@@ -54,7 +57,7 @@ def prepare(*, csv_dir: str, clip_dir: str, output_dir: str,
     csv_dir: directory holding class_labels_indices.csv and the segment CSVs.
     clip_dir: the user's clip directory (searched recursively).
     output_dir: where shards and metadata go (created if needed).
-    splits: subset of audioset.SPLITS.
+    splits: subset of audioset_prepare.SPLITS.
     modalities: streams to store, subset of ('audio', 'video'); clips lacking
       one are reported as unusable.
     sample_rate: audio rate in Hz.
@@ -79,8 +82,9 @@ def prepare(*, csv_dir: str, clip_dir: str, output_dir: str,
   """
   splits, modalities = list(splits), sorted(set(modalities))
   for split in splits:
-    if split not in audioset.SPLITS:
-      raise ValueError(f'Unknown split {split!r}; expected {audioset.SPLITS}.')
+    if split not in audioset_prepare.SPLITS:
+      raise ValueError(
+          f'Unknown split {split!r}; expected {audioset_prepare.SPLITS}.')
   if not modalities or not set(modalities) <= {'audio', 'video'}:
     raise ValueError(f'modalities={modalities} must be a non-empty subset of '
                      "('audio', 'video').")
@@ -98,21 +102,22 @@ def prepare(*, csv_dir: str, clip_dir: str, output_dir: str,
   if examples_per_shard < 1 or num_workers < 1:
     raise ValueError(f'examples_per_shard={examples_per_shard} and '
                      f'num_workers={num_workers} must be positive.')
-  if audio_dtype not in audioset.AUDIO_DTYPES:
+  if audio_dtype not in audioset_prepare.AUDIO_DTYPES:
     raise ValueError(f'audio_dtype={audio_dtype!r} not in '
-                     f'{audioset.AUDIO_DTYPES}.')
-  if video_format not in audioset.VIDEO_FORMATS:
+                     f'{audioset_prepare.AUDIO_DTYPES}.')
+  if video_format not in audioset_prepare.VIDEO_FORMATS:
     raise ValueError(f'video_format={video_format!r} not in '
-                     f'{audioset.VIDEO_FORMATS}.')
+                     f'{audioset_prepare.VIDEO_FORMATS}.')
 
-  classes = audioset.read_classes(os.path.join(csv_dir, audioset.CLASS_CSV))
-  segments = {s: audioset.read_segments(
-      os.path.join(csv_dir, audioset.SEGMENT_CSVS[s]), classes)
+  classes = audioset_prepare.read_classes(
+      os.path.join(csv_dir, audioset_prepare.CLASS_CSV))
+  segments = {s: audioset_prepare.read_segments(
+      os.path.join(csv_dir, audioset_prepare.SEGMENT_CSVS[s]), classes)
               for s in splits}  # Parse all CSVs before the slow part.
-  clip_index = audioset.index_clip_dir(clip_dir)
+  clip_index = audioset_prepare.index_clip_dir(clip_dir)
   os.makedirs(output_dir, exist_ok=True)
   storage = dict(
-      format_version=audioset.FORMAT_VERSION,
+      format_version=audioset_prepare.FORMAT_VERSION,
       classes=[dict(index=i, mid=m, display_name=n) for i, (m, n) in
                enumerate(zip(classes.mids, classes.display_names))],
       modalities=modalities, sample_rate=sample_rate, fps=fps,
@@ -126,7 +131,7 @@ def prepare(*, csv_dir: str, clip_dir: str, output_dir: str,
 
   summary = {'output_dir': output_dir, 'splits': {}}
   for split in splits:
-    found, missing = audioset.find_clips(segments[split], clip_index)
+    found, missing = audioset_prepare.find_clips(segments[split], clip_index)
     if missing:
       logging.warning('%s: %d of %d clips missing from %s (listed in '
                       '%s-missing.txt).', split, len(missing),
@@ -149,7 +154,7 @@ def prepare(*, csv_dir: str, clip_dir: str, output_dir: str,
 
 def _merge_metadata(output_dir, storage):
   """Existing metadata must describe the same storage format."""
-  path = os.path.join(output_dir, audioset.METADATA_FILE)
+  path = os.path.join(output_dir, audioset_prepare.METADATA_FILE)
   if not os.path.exists(path):
     return dict(storage, splits={})
   meta = audioset.read_metadata(output_dir)
@@ -163,7 +168,7 @@ def _merge_metadata(output_dir, storage):
 
 
 def _save_metadata(output_dir, meta):
-  path = os.path.join(output_dir, audioset.METADATA_FILE)
+  path = os.path.join(output_dir, audioset_prepare.METADATA_FILE)
   with open(path + '.tmp', 'w', encoding='utf-8') as f:
     json.dump(meta, f, indent=1)
   os.replace(path + '.tmp', path)
@@ -224,7 +229,7 @@ def _convert(job):
   want_audio, want_video = 'audio' in s['modalities'], 'video' in s[
       'modalities']
   try:
-    clip = audioset.decode_clip(
+    clip = audio_ops.decode_clip(
         path, sample_rate=s['sample_rate'], fps=s['fps'],
         video_size=s['video_size'], with_audio=want_audio,
         with_video=want_video)
@@ -240,11 +245,11 @@ def _convert(job):
   audio = video = None
   if want_audio:
     padded |= len(clip.audio) < s['clip_samples'] - tolerance
-    audio = audioset.fit_length(clip.audio, s['clip_samples'], pad='zeros')
+    audio = audio_ops.fit_length(clip.audio, s['clip_samples'], pad='zeros')
   if want_video:
     padded |= len(clip.video) < s['clip_frames'] - 1
-    video = audioset.fit_length(clip.video, s['clip_frames'], pad='edge')
-  example = audioset.serialize_example(
+    video = audio_ops.fit_length(clip.video, s['clip_frames'], pad='edge')
+  example = audioset_prepare.serialize_example(
       ytid=ytid, start_seconds=start_seconds, labels=labels, audio=audio,
       video=video, audio_dtype=s['audio_dtype'],
       video_format=s['video_format'], jpeg_quality=s['jpeg_quality'])
@@ -259,16 +264,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   parser.add_argument('--clip_dir', required=True)
   parser.add_argument('--output_dir', required=True)
   parser.add_argument('--splits', default='balanced_train,eval',
-                      help=f'comma-separated subset of {audioset.SPLITS}')
+                      help='comma-separated subset of '
+                      f'{audioset_prepare.SPLITS}')
   parser.add_argument('--modalities', default='audio,video')
   parser.add_argument('--sample_rate', type=int, default=48_000)
   parser.add_argument('--fps', type=int, default=25)
   parser.add_argument('--clip_seconds', type=float, default=10.0)
   parser.add_argument('--video_size', type=int, default=224)
   parser.add_argument('--video_format', default='jpeg',
-                      choices=audioset.VIDEO_FORMATS)
+                      choices=audioset_prepare.VIDEO_FORMATS)
   parser.add_argument('--audio_dtype', default='int16',
-                      choices=audioset.AUDIO_DTYPES)
+                      choices=audioset_prepare.AUDIO_DTYPES)
   parser.add_argument('--jpeg_quality', type=int, default=90)
   parser.add_argument('--examples_per_shard', type=int, default=1024)
   parser.add_argument('--num_workers', type=int, default=1)

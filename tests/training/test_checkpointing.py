@@ -1,7 +1,6 @@
 """Disk checkpoints: round trips, pruning, interrupted writes, resuming."""
 
 import os
-import signal
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import pytest
 
 from perceiver_jax.training import checkpointing
 from perceiver_jax.training import jaxline_compat
+from perceiver_jax.training import tree_io
 from tests import helpers
 
 jaxline = jaxline_compat.import_jaxline()
@@ -85,8 +85,8 @@ class _Experiment(jaxline.experiment.AbstractExperiment):
 
   def restore_from_snapshot(self, snapshot_state):
     params = snapshot_state['params']
-    opt_state = checkpointing.restore_structure(_OPTIMIZER.init(params),
-                                                snapshot_state['opt_state'])
+    opt_state = tree_io.restore_structure(_OPTIMIZER.init(params),
+                                          snapshot_state['opt_state'])
     self.params = jaxline.utils.bcast_local_devices(params)
     self.opt_state = jaxline.utils.bcast_local_devices(opt_state)
 
@@ -333,20 +333,6 @@ def test_eval_checkpointer_sees_checkpoints_written_later(tmp_path):
   assert state.global_step == 4
 
 
-def test_restore_structure_names_mismatches():
-  template = _OPTIMIZER.init({'w': np.zeros(3, np.float32)})
-  good = checkpointing.to_nested_dict(template)
-  _assert_trees_equal(checkpointing.restore_structure(template, good),
-                      jax.device_get(template))
-  bad = checkpointing.to_nested_dict(
-      _OPTIMIZER.init({'w': np.zeros(4, np.float32), 'b': np.zeros(1)}))
-  with pytest.raises(ValueError, match=r'1/0/mu/w: checkpoint has float32\[4\]'
-                     r'(.|\n)*1/0/mu/b: in the checkpoint but not'):
-    checkpointing.restore_structure(template, bad)
-  with pytest.raises(ValueError, match='1/0/count: missing'):
-    checkpointing.restore_structure(template, {'1': {}})
-
-
 def _train(tmp_path, steps):
   config = _config(tmp_path, training_steps=steps, save_checkpoint_interval=2,
                    max_checkpoints_to_keep=2)
@@ -384,22 +370,6 @@ def test_jaxline_training_resumes_from_disk(tmp_path):
   assert best['global_step'] == 6
   np.testing.assert_allclose(best['best_eval_metric_value'],
                              -np.sum(w ** 2), rtol=1e-6)
-
-
-def test_sigterm_sets_the_stop_flag_and_the_process_survives():
-  watcher = checkpointing.PreemptionWatcher()
-  before = signal.getsignal(signal.SIGTERM)
-  watcher.install()
-  try:
-    assert not watcher.stop_requested()
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert watcher.stop_requested()
-    # A second signal would act as before install (here: pytest's handler).
-    assert signal.getsignal(signal.SIGTERM) == before
-  finally:
-    watcher.uninstall()
-    signal.signal(signal.SIGTERM, before)
-  assert not checkpointing.stop_requested()  # The global one is separate.
 
 
 @pytest.mark.slow

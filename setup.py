@@ -28,14 +28,16 @@ setuptools.setup(
         'numpy>=1.26',
         'scikit-learn>=1.4',
         'h5py>=3.10',
-        # OpenBLAS for perceiver_jax/kernels/cpu_matmul (compiled at first
-        # use; a C++ compiler is needed for it, XLA is used without one).
-        'scipy-openblas32>=0.3.27',
     ],
-    package_data={'perceiver_jax.kernels': ['*.cc', '*.h']},
+    package_data={'perceiver_jax.backends.cpu': ['csrc/*.cc', 'csrc/*.h']},
     extras_require={
+        # OpenBLAS for the CPU backend's kernels, compiled at first use with
+        # the host's C++ compiler; without either, CPU runs the reference ops.
+        'cpu': ['scipy-openblas32>=0.3.27'],
+        'cuda': ['jax[cuda12]>=0.10'],
+        'tpu': ['jax[tpu]>=0.10'],
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'scikit-image>=0.22',
-                 'av>=12.0'],
+                 'av>=12.0', 'scipy-openblas32>=0.3.27'],
         'audio': ['av>=12.0'],
         # scripts/benchmark.py --compare=hf. From PyPI torch brings CUDA
         # packages; its CPU wheel: --index-url https://download.pytorch.org/whl/cpu

@@ -190,7 +190,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
       experiment='multilabel', data=data,
       model=dict(preprocessor=preprocessor, encoder=encoder,
                  decoder=dict(type='average', num_classes=data.num_classes),
-                 cpu_matmul='auto', fused_cpu_attention=True),
+                 backend='auto'),
       optimizer=common.optimizer(
           name='lamb', base_lr=4e-3, weight_decay=0.1, clip_grad_norm=10.0,
           schedule='constant_cosine', constant_fraction=0.5),

@@ -52,8 +52,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
               share_latent_transformer=True, dropout_prob=0.0,
               **common.efficiency_options()),
           decoder=dict(type='average', num_classes=10),
-          cpu_matmul='auto',
-          fused_cpu_attention=True,
+          backend='auto',
       ),
       optimizer=common.optimizer(
           name='lamb', base_lr=4e-3, weight_decay=1e-2, clip_grad_norm=10.0,

@@ -77,8 +77,7 @@ def image_model(*, image_size: int, num_freq_bands: int = 64,
           share_latent_transformer=True, dropout_prob=0.0,
           **common.efficiency_options()),
       decoder=decoders[decoder],
-      cpu_matmul='auto',
-      fused_cpu_attention=True,
+      backend='auto',
   ))
 
 
@@ -139,11 +138,9 @@ def build_config(options: ml_collections.ConfigDict, *, name: str,
     data.mixup_alpha, data.cutmix_alpha = 0.2, 1.0
 
   batch_size = 1024
-  # bench_b chunks its 16,384 inputs: 4-5% faster training and 10% faster
-  # forward steps on the 2-core CPU than all at once (README, Performance),
-  # before the fused CPU attention, which works in tiles of 256 inputs
-  # whatever the chunk size: the chunks now matter where it is off
-  # (model.fused_cpu_attention=False, masks, GPU without cuDNN attention).
+  # bench_b chunks its 16,384 inputs, which bounds the attention's memory
+  # on the reference ops (GPU, TPU, model.backend='reference'); the CPU
+  # backend's fused attention works in tiles of its own and ignores it.
   for bench, size, latents, batch, chunk in (
       ('bench_a', 64, (128, 256), 16, None),
       ('bench_b', 128, (256, 512), 8, 4096)):

@@ -128,7 +128,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
       experiment='classification', data=data,
       model=dict(preprocessor=preprocessor, encoder=encoder,
                  decoder=dict(type='average', num_classes=NUM_CLASSES),
-                 cpu_matmul='auto', fused_cpu_attention=True),
+                 backend='auto'),
       optimizer=common.optimizer(**optimizer),
       training=dict(batch_size=batch_size, label_smoothing=0.1,
                     precision='float32', data_seed=options.seed,

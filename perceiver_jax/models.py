@@ -6,13 +6,13 @@ constructor arguments of the chosen class:
     for `type='multimodal'`, `modalities` maps names to such sections.
   encoder: PerceiverEncoder arguments (num_latents, latent_dim, ...).
   decoder: `type` in DECODERS ('average' = P1, 'query' = P2 classifier).
-and two fields of their own (neither changes results beyond float32
-rounding; neither has an effect off CPU):
-  cpu_matmul: 'auto' (default), 'blas' or 'xla': how matrix products that
-    XLA:CPU runs slowly are computed (perceiver_jax.kernels.cpu_matmul).
-  fused_cpu_attention: True (default): unmasked float32 attention runs as
-    one fused kernel per pass (perceiver_jax.kernels.cpu_attention) where
-    cpu_matmul allows OpenBLAS; False: as separate products and softmax.
+and one field of its own:
+  backend: how the ops (attention, linear maps, LayerNorm) are computed,
+    `perceiver_jax.ops.BACKENDS`: 'auto' (default; each platform's
+    registered implementation, chosen when the program is lowered),
+    'reference' (plain jnp everywhere) or 'cpu' (as 'auto', and an error if
+    the CPU implementation does not load). Results agree to float32
+    rounding.
 
 A preprocessor's `permutation_seed` (int or None) applies one fixed
 permutation of the M inputs after position features are attached: permuted
@@ -29,9 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from perceiver_jax.kernels import cpu_attention
-from perceiver_jax.kernels import cpu_matmul
-from perceiver_jax.modules import byte_array
+from perceiver_jax import ops
 from perceiver_jax.modules import perceiver
 from perceiver_jax.modules import preprocessors
 
@@ -43,35 +41,13 @@ PREPROCESSORS: Mapping[str, Callable[..., Any]] = {
     'point_cloud': preprocessors.PointCloudPreprocessor,
 }
 # Those that can keep Fourier position features apart from the per-example
-# channels (`byte_array.SplitByteArray`); build_model asks them to.
+# channels (`ops.byte_array.SplitByteArray`); build_model asks them to.
 SPLITS_POSITIONS = ('image', 'audio', 'spectrogram', 'video')
 
 DECODERS: Mapping[str, Callable[..., Any]] = {
     'average': perceiver.AverageDecoder,
     'query': perceiver.ClassificationQueryDecoder,
 }
-
-
-class PermutedPreprocessor(hk.Module):
-  """Applies one fixed permutation to a preprocessor's [B, M, C] output.
-
-  The permutation of the M positions is drawn from `seed` when the input
-  size is first seen, so it is the same on every host, run and split.
-  """
-
-  def __init__(self, preprocessor: Callable[..., Any], seed: int,
-               name: Optional[str] = None):
-    super().__init__(name=name)
-    self._preprocessor = preprocessor
-    self._seed = seed
-
-  def __call__(self, inputs: Any, *, is_training: bool):
-    x, mask = self._preprocessor(inputs, is_training=is_training)
-    perm = preprocessors.make_permutation(x.shape[1], self._seed)
-    x = byte_array.take(x, perm)  # [B, M, C]
-    if mask is not None:
-      mask = mask[:, perm]
-    return x, mask
 
 
 class _SelectInput(hk.Module):
@@ -115,7 +91,7 @@ def build_preprocessor(section: ml_collections.ConfigDict,
     select_input: honour `input_key`; False for the modalities of a
       multimodal preprocessor, which receive their own input already.
     split_positions: where the preprocessor can (SPLITS_POSITIONS), return
-      byte arrays with Fourier features as `byte_array.SplitByteArray`.
+      byte arrays with Fourier features as `ops.byte_array.SplitByteArray`.
   """
   kind = section.type
   if kind == 'multimodal':
@@ -137,7 +113,8 @@ def build_preprocessor(section: ml_collections.ConfigDict,
     module = _SelectInput(module, section.input_key)
   seed = section.get('permutation_seed')
   if seed is not None:
-    module = PermutedPreprocessor(module, seed, name='permutation')
+    module = preprocessors.PermutedPreprocessor(module, seed,
+                                                name='permutation')
   return module
 
 
@@ -154,22 +131,30 @@ def build_model(config: ml_collections.ConfigDict) -> perceiver.Perceiver:
       name='perceiver')
 
 
+# Fields of earlier versions -> what replaced them.
+_REMOVED_FIELDS = {'cpu_matmul': 'backend', 'fused_cpu_attention': 'backend'}
+
+
+def _check_no_removed_fields(config: ml_collections.ConfigDict) -> None:
+  for old, new in _REMOVED_FIELDS.items():
+    if old in config:
+      raise ValueError(
+          f'model.{old} was removed; set model.{new} instead (one of '
+          f'{ops.BACKENDS}).')
+
+
 def make_forward(config: ml_collections.ConfigDict) -> hk.Transformed:
   """hk.transform of `inputs, is_training -> logits` for a model section."""
-  matmul_backend = config.get('cpu_matmul', 'auto')
-  if matmul_backend not in cpu_matmul.BACKENDS:
-    raise ValueError(f'model.cpu_matmul={matmul_backend!r}; expected one of '
-                     f'{cpu_matmul.BACKENDS}.')
-
-  fused_attention = config.get('fused_cpu_attention', True)
-  if not isinstance(fused_attention, bool):
-    raise ValueError(f'model.fused_cpu_attention={fused_attention!r}; '
-                     'expected True or False.')
+  _check_no_removed_fields(config)
+  backend = config.get('backend', 'auto')
+  if backend not in ops.BACKENDS:
+    raise ValueError(f'model.backend={backend!r}; expected one of '
+                     f'{ops.BACKENDS}.')
 
   def forward(inputs: Any, is_training: bool) -> jax.Array:
-    # The kernels are chosen while tracing, so the contexts wrap the trace.
-    with cpu_matmul.backend(matmul_backend), cpu_attention.fused(
-        fused_attention):
+    # Implementations are registered per platform while tracing; which one
+    # runs is decided when the program is lowered.
+    with ops.use_backend(backend):
       return build_model(config)(inputs, is_training=is_training)
 
   return hk.transform(forward)

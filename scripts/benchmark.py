@@ -24,7 +24,7 @@ memory: XLA's buffer plan of the compiled step (exact), device peak where
 available, and the process's peak RSS; page faults per timed step. Each
 point of an input sweep runs in a fresh process so its RSS is its own. The
 script restarts itself once with the malloc settings of
-PERCEIVER_JAX_MALLOC (perceiver_jax/host_memory; `huge_page_malloc` and
+PERCEIVER_JAX_MALLOC (perceiver_jax/perf/host_memory; `huge_page_malloc` and
 `keep_freed_memory` in the output say which it ran with).
 
 --profile=N traces N steps with jax.profiler instead of timing them and
@@ -58,7 +58,7 @@ import os
 import subprocess
 import sys
 
-from perceiver_jax import host_memory
+from perceiver_jax.perf import host_memory
 
 # First of all, before the heavy imports: this may restart the process.
 # Not for --compare: the two frameworks' steps alternate, and each one's freed
@@ -76,9 +76,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from perceiver_jax import benchmarking
-from perceiver_jax import flops as flops_lib
-from perceiver_jax import profiling
+from perceiver_jax.analysis import flops as flops_lib
+from perceiver_jax.perf import benchmarking
+from perceiver_jax.perf import profiling
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'forward'], 'Step.')
@@ -155,7 +155,7 @@ def _sweep(argv) -> None:
 
 def _compare_hf(exp, batch_size: int, peaks: list[dict]) -> None:
   """Ours against HF's PyTorch Perceiver, forward then train: JSON lines."""
-  from perceiver_jax import hf_reference
+  from perceiver_jax.perf import hf_reference
   if exp.training.precision != 'float32':
     raise ValueError('--compare=hf runs float32 only.')
   direct = benchmarking.with_overrides(
@@ -180,7 +180,7 @@ def _compare_hf(exp, batch_size: int, peaks: list[dict]) -> None:
 
 
 def _malloc_settings() -> dict:
-  """What glibc's malloc ran with (see perceiver_jax/host_memory)."""
+  """What glibc's malloc ran with (see perceiver_jax/perf/host_memory)."""
   return {'huge_page_malloc': host_memory.huge_pages_requested(),
           'keep_freed_memory': host_memory.keeps_freed_memory()}
 

@@ -14,7 +14,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from perceiver_jax import summary
+from perceiver_jax.analysis import summary
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 

@@ -6,10 +6,26 @@ import subprocess
 import sys
 from typing import Optional
 
-from perceiver_jax import host_memory
+import pytest
+
+from perceiver_jax.perf import host_memory
 
 # The repository root (scripts, configs; PYTHONPATH for subprocesses).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def require_cpu_backend() -> None:
+  """Skips the calling test where the CPU backend's kernels cannot build.
+
+  Otherwise the backend is imported, so its ops and FLOP rules are
+  registered with `perceiver_jax.ops`.
+  """
+  # pylint: disable=g-import-not-at-top,unused-import
+  from perceiver_jax.backends.cpu import native
+  try:
+    from perceiver_jax.backends.cpu import backend
+  except native.BuildError as e:
+    pytest.skip(f'the CPU backend does not build here: {e}')
 
 
 def free_port() -> int:
@@ -21,7 +37,7 @@ def free_port() -> int:
 
 def environ_without_malloc_settings(**extra: str) -> dict[str, str]:
   """os.environ without the variables that choose glibc's malloc settings
-  (perceiver_jax/host_memory), plus `extra`."""
+  (perceiver_jax/perf/host_memory), plus `extra`."""
   env = {k: v for k, v in os.environ.items()
          if k not in ('GLIBC_TUNABLES', host_memory.MODE_VARIABLE,
                       host_memory.OLD_OPT_OUT)}

@@ -6,7 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from perceiver_jax import summary as summary_lib
+from perceiver_jax.analysis import summary as summary_lib
+from tests import helpers
 from tests import test_configs
 
 # (config file, preset) -> (params in millions, GFLOPs or None) from P1/P2.
@@ -68,20 +69,19 @@ def test_permuted_pipeline_gives_the_same_logits():
 
 
 @pytest.mark.parametrize('chunk_size', [None, 100])
-@pytest.mark.parametrize('fused', [True, False])
-def test_cpu_kernels_give_the_xla_model(chunk_size, fused):
-  """model.cpu_matmul='blas' (OpenBLAS products, and fused attention unless
-  fused_cpu_attention is False) and 'xla': the same loss and gradients, with
-  and without chunked cross-attention."""
+def test_cpu_backend_gives_the_reference_model(chunk_size):
+  """model.backend='cpu' (OpenBLAS products, fused attention) and
+  'reference' (plain jnp): the same loss and gradients, with and without
+  chunked cross-attention."""
+  helpers.require_cpu_backend()
   from perceiver_jax import models  # pylint: disable=g-import-not-at-top
   model = test_configs._load(  # pylint: disable=protected-access
       'imagenet.py', 'debug').experiment_kwargs.config.model
   images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3))
   results, calls = {}, {}
-  for backend in ('xla', 'blas'):
+  for backend in ('reference', 'cpu'):
     config = model.copy_and_resolve_references()
-    config.cpu_matmul = backend
-    config.fused_cpu_attention = fused
+    config.backend = backend
     config.encoder.cross_attention_chunk_size = chunk_size
     forward = models.make_forward(config)
     params = forward.init(jax.random.key(1), images, is_training=True)
@@ -92,9 +92,9 @@ def test_cpu_kernels_give_the_xla_model(chunk_size, fused):
     calls[backend] = (hlo.count('perceiver_jax_cpu_matmul'),
                       hlo.count('perceiver_jax_cpu_attention'))
     results[backend] = step(params)
-  assert calls['xla'] == (0, 0)
-  assert calls['blas'][0] > 0 and (calls['blas'][1] > 0) == fused
-  (loss, grads), (want_loss, want_grads) = results['blas'], results['xla']
+  assert calls['reference'] == (0, 0)
+  assert calls['cpu'][0] > 0 and calls['cpu'][1] > 0
+  (loss, grads), (want_loss, want_grads) = results['cpu'], results['reference']
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
   # Against the largest gradient: some are 0 up to rounding (the key bias
   # cancels in the softmax), and rounding differs between the two.
@@ -103,15 +103,17 @@ def test_cpu_kernels_give_the_xla_model(chunk_size, fused):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * scale)
 
 
-def test_unknown_cpu_matmul_backend_is_rejected():
+def test_unknown_and_removed_backend_fields_are_rejected():
   from perceiver_jax import models  # pylint: disable=g-import-not-at-top
   model = test_configs._load(  # pylint: disable=protected-access
       'imagenet.py', 'debug').experiment_kwargs.config.model
   config = model.copy_and_resolve_references()
-  config.cpu_matmul = 'blsa'
-  with pytest.raises(ValueError, match=r"model.cpu_matmul='blsa'"):
+  config.backend = 'blas'
+  with pytest.raises(ValueError, match=r"model.backend='blas'"):
     models.make_forward(config)
-  config = ml_collections.ConfigDict(  # A config written without the field.
-      {**model.to_dict(), 'fused_cpu_attention': 'yes'})
-  with pytest.raises(ValueError, match=r"model.fused_cpu_attention='yes'"):
-    models.make_forward(config)
+  for old in ('cpu_matmul', 'fused_cpu_attention'):
+    config = ml_collections.ConfigDict(  # A config of an earlier version.
+        {**model.to_dict(), old: 'auto'})
+    with pytest.raises(ValueError,
+                       match=rf'model.{old} was removed; set model.backend'):
+      models.make_forward(config)

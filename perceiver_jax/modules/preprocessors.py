@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perceiver_jax.modules import byte_array
+from perceiver_jax.ops import byte_array
 from perceiver_jax.modules import position_encoding
 
 Resolution = Union[int, Sequence[int], None]
@@ -60,6 +60,32 @@ def make_permutation(num_positions: int, seed: int) -> np.ndarray:
     raise ValueError(f'num_positions must be >= 1, got {num_positions}.')
   rng = np.random.default_rng(seed)
   return rng.permutation(num_positions).astype(np.int32)
+
+
+class PermutedPreprocessor(hk.Module):
+  """Applies one fixed permutation to a preprocessor's [B, M, C] output.
+
+  The M positions are reordered AFTER position features are attached, so
+  each input keeps its own features (permuted ImageNet, P1 Sec. 4.2,
+  Tab. 2). The permutation is drawn from `seed` when the input size is
+  first seen (`make_permutation`), so it is the same on every host, run and
+  split. Works for every preprocessor, split byte arrays included.
+  """
+
+  def __init__(self, preprocessor: Callable[..., Any], seed: int,
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    self._preprocessor = preprocessor
+    self._seed = seed
+
+  def __call__(self, inputs: Any, *, is_training: bool):
+    """Returns the wrapped preprocessor's (x, mask), both permuted."""
+    x, mask = self._preprocessor(inputs, is_training=is_training)
+    perm = make_permutation(x.shape[1], self._seed)
+    x = byte_array.take(x, perm)  # [B, M, C]
+    if mask is not None:
+      mask = mask[:, perm]
+    return x, mask
 
 
 def compute_output_shape(make_preprocessor: Callable[[], Any],
@@ -230,10 +256,8 @@ class ImagePreprocessor(hk.Module):
     'learned'  a learned [M, learned_pos_channels] array
                (LearnedPositionEncoding named 'position_encoding').
     'none'     no position features (P = 0).
-  If `permutation` (int [M]) is given it reorders the M inputs of the final
-  [B, M, F + P] array, AFTER position features are attached (permuted
-  ImageNet, P1 Tab. 2). `split_positions`: Fourier features come back as a
-  SplitByteArray (module docstring).
+  `split_positions`: Fourier features come back as a SplitByteArray (module
+  docstring). Permuted inputs: wrap the module in `PermutedPreprocessor`.
   """
 
   def __init__(self, prep_type: str = 'pixels', patch_size: int = 16,
@@ -243,14 +267,13 @@ class ImagePreprocessor(hk.Module):
                max_resolution: Resolution = None,
                learned_pos_channels: int = 128,
                learned_pos_init_scale: float = 1.0,
-               permutation: Optional[np.ndarray] = None,
                split_positions: bool = False,
                name: Optional[str] = None):
     """Initialises the module; see the class docstring for the options.
 
     Raises:
       ValueError: for an unknown prep_type or position_encoding_type,
-        non-positive sizes, or a permutation that is not one.
+        non-positive sizes.
     """
     super().__init__(name=name)
     if prep_type not in PREP_TYPES:
@@ -267,13 +290,6 @@ class ImagePreprocessor(hk.Module):
     if learned_pos_init_scale <= 0:
       raise ValueError('learned_pos_init_scale must be > 0, got '
                        f'{learned_pos_init_scale}.')
-    if permutation is not None:
-      permutation = np.asarray(permutation)
-      if (permutation.ndim != 1 or
-          not np.array_equal(np.sort(permutation),
-                             np.arange(permutation.size))):
-        raise ValueError('permutation must be a permutation of 0..M-1, got '
-                         f'an array of shape {permutation.shape}.')
     self._prep_type = prep_type
     self._patch_size = patch_size
     self._conv_channels = conv_channels
@@ -282,7 +298,6 @@ class ImagePreprocessor(hk.Module):
     self._max_resolution = max_resolution
     self._learned_pos_channels = learned_pos_channels
     self._learned_pos_init_scale = learned_pos_init_scale
-    self._permutation = permutation
     self._split_positions = split_positions
 
   def _layout(self, input_shape: Sequence[int]) -> tuple[tuple[int, int],
@@ -309,18 +324,10 @@ class ImagePreprocessor(hk.Module):
       return self._learned_pos_channels
     return 0
 
-  def _check_permutation(self, num_positions: int) -> None:
-    if (self._permutation is not None and
-        self._permutation.size != num_positions):
-      raise ValueError(
-          f'permutation has {self._permutation.size} entries but the byte '
-          f'array has M={num_positions} positions.')
-
   def output_shape(self, input_shape: Sequence[int]) -> tuple[int, int]:
     """(M, C) for per-example images of `input_shape` = (H, W, F)."""
     grid, channels = self._layout(input_shape)
     num_positions = math.prod(grid)
-    self._check_permutation(num_positions)
     return num_positions, channels + self._num_position_channels(grid)
 
   def __call__(self, inputs: jax.Array, *,
@@ -330,7 +337,6 @@ class ImagePreprocessor(hk.Module):
     _check_float(inputs, 'ImagePreprocessor')
     grid, _ = self._layout(inputs.shape[1:])
     num_positions = math.prod(grid)
-    self._check_permutation(num_positions)
     batch = inputs.shape[0]
     if self._prep_type == 'pixels':
       x = inputs
@@ -356,9 +362,6 @@ class ImagePreprocessor(hk.Module):
           init_scale=self._learned_pos_init_scale,
           name='position_encoding')(batch)  # [B, M, P]
       x = jnp.concatenate([x, pos.astype(x.dtype)], axis=-1)
-
-    if self._permutation is not None:
-      x = byte_array.take(x, self._permutation)  # [B, M, C]
     return x, None
 
 

@@ -20,7 +20,7 @@ import pytest
 from configs import audioset as audioset_config
 import experiments
 from experiments import multilabel
-from perceiver_jax import summary as summary_lib
+from perceiver_jax.analysis import summary as summary_lib
 from perceiver_jax.data import audioset as audioset_data
 from perceiver_jax.training import checkpointing
 from perceiver_jax.training import jaxline_compat

@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perceiver_jax.kernels import cpu_attention
+from perceiver_jax import ops
+from perceiver_jax.backends.cpu import attention as cpu_attention
 from perceiver_jax.modules import attention
-from perceiver_jax.modules import byte_array
 from perceiver_jax.modules import perceiver
+from perceiver_jax.ops import byte_array
 
 
 def _assert_close(a, b, rtol=1e-5):
@@ -177,9 +178,9 @@ def _split_inputs(m=300):
 
 
 @pytest.mark.parametrize('formulation', ['reformulated', 'direct'])
-@pytest.mark.parametrize('fused', [True, False])
+@pytest.mark.parametrize('backend', ['cpu', 'reference'])
 @pytest.mark.parametrize('masked', [False, True])
-def test_split_inputs_match_the_dense_byte_array(formulation, fused, masked):
+def test_split_inputs_match_the_dense_byte_array(formulation, backend, masked):
   """Outputs and gradients (parameters, queries and the per-example
   features, as a learned preprocessor would need) as from the built array."""
   split = _split_inputs()
@@ -194,7 +195,7 @@ def test_split_inputs_match_the_dense_byte_array(formulation, fused, masked):
   def loss(p, q, features, as_split):
     x = byte_array.SplitByteArray(features, split.shared)
     x = x if as_split else x.dense()
-    with cpu_attention.fused(fused):
+    with ops.use_backend(backend):
       return jnp.sum(jnp.sin(module.apply(p, None, q, x, mask)))
 
   got, want = (jax.jit(jax.value_and_grad(loss, (0, 1, 2)), static_argnums=3)(

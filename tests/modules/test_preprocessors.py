@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perceiver_jax.modules import byte_array
+from perceiver_jax.ops import byte_array
 from perceiver_jax.modules import position_encoding
 from perceiver_jax.modules import preprocessors
 
@@ -158,8 +158,8 @@ class TestImagePreprocessor:
     perm = preprocessors.make_permutation(16, seed=7)
     (plain, _), _ = _run(lambda: preprocessors.ImagePreprocessor(
         num_freq_bands=2), images)
-    (permuted, _), _ = _run(lambda: preprocessors.ImagePreprocessor(
-        num_freq_bands=2, permutation=perm), images)
+    (permuted, _), _ = _run(lambda: preprocessors.PermutedPreprocessor(
+        preprocessors.ImagePreprocessor(num_freq_bands=2), seed=7), images)
     assert not np.allclose(plain, permuted)
     # Rows (pixel + its own position features) move together.
     np.testing.assert_array_equal(permuted, plain[:, perm])
@@ -188,7 +188,6 @@ class TestImagePreprocessor:
       (dict(patch_size=-2), 'patch_size'),
       (dict(learned_pos_init_scale=0.0), 'learned_pos_init_scale'),
       (dict(max_resolution=(0, 4)), 'max_resolution'),
-      (dict(permutation=np.array([0, 0, 1])), 'permutation'),
   ])
   def test_bad_hyperparameters(self, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -198,7 +197,6 @@ class TestImagePreprocessor:
   @pytest.mark.parametrize('kwargs, shape, match', [
       (dict(prep_type='patches', patch_size=3), (1, 4, 6, 3),
        r'patch shape \(3, 3\) does not divide the input shape \(4, 6\)'),
-      (dict(permutation=np.arange(10)), (1, 4, 4, 3), 'M=16'),
       (dict(max_resolution=(4, 4, 4)), (1, 4, 4, 3), 'max_resolution'),
       (dict(), (1, 16, 3), 'ImagePreprocessor input'),
   ])
@@ -422,10 +420,10 @@ class TestMultimodalPreprocessor:
 @pytest.mark.parametrize('make, shape', [
     (lambda s: preprocessors.ImagePreprocessor(
         num_freq_bands=3, split_positions=s), (5, 6, 3)),
-    (lambda s: preprocessors.ImagePreprocessor(
-        'patches', patch_size=2, num_freq_bands=3,
-        permutation=preprocessors.make_permutation(6, 1),
-        split_positions=s), (4, 6, 2)),
+    (lambda s: preprocessors.PermutedPreprocessor(
+        preprocessors.ImagePreprocessor(
+            'patches', patch_size=2, num_freq_bands=3, split_positions=s),
+        seed=1), (4, 6, 2)),
     (lambda s: preprocessors.AudioPreprocessor(
         samples_per_patch=4, num_freq_bands=5, split_positions=s), (32,)),
     (lambda s: preprocessors.SpectrogramPreprocessor(

@@ -38,8 +38,8 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from perceiver_jax.kernels import cpu_attention
-from perceiver_jax.kernels import cpu_matmul
+from perceiver_jax.backends.cpu import attention as cpu_attention
+from perceiver_jax.backends.cpu import matmul as cpu_matmul
 
 # Instructions whose time is that of the instructions they run, which the
 # trace lists on their own.

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perceiver_jax import flops
+from perceiver_jax.analysis import flops
 from perceiver_jax import models
 
 

@@ -1,4 +1,4 @@
-"""perceiver_jax.profiling: HLO parsing, grouping and a traced step."""
+"""perceiver_jax.perf.profiling: HLO parsing, grouping and a traced step."""
 
 import json
 
@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import pytest
 
 from configs import digits
-from perceiver_jax import benchmarking
-from perceiver_jax import flops as flops_lib
-from perceiver_jax import profiling
+from perceiver_jax.analysis import flops as flops_lib
+from perceiver_jax.perf import benchmarking
+from perceiver_jax.perf import profiling
 from tests import helpers
 
 

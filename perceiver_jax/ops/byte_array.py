@@ -11,18 +11,15 @@ concat([features, broadcast(shared)]) [B, M, C] without building it; the
 Fourier grid preprocessors return one when asked (`split_positions=True`,
 which `models.build_model` sets). Consumers that need the whole array call
 `dense(x)`. The encoder's input LayerNorm instead standardises it lazily
-(`standardize`), and the one-head reformulated cross-attention reads the
-standardised rows tile by tile in the fused CPU kernel
-(`cpu_attention.standardized_attention`): the [B, M, C] array is never held
-in the forward pass (README, Performance, for the memory it saves).
+(`standardize`): `StandardizedByteArray` holds the statistics only, and
+`ops.attend_to_inputs` lets a backend read the standardised rows without
+building them.
 """
 
 from typing import NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
-
-from perceiver_jax.kernels import cpu_attention
 
 
 class SplitByteArray(NamedTuple):
@@ -87,8 +84,22 @@ class StandardizedByteArray(NamedTuple):
 
   def dense(self) -> jax.Array:
     """The standardised byte array [B, M, F + P]."""
-    return cpu_attention.standardized_rows(
-        self.inputs.features, self.inputs.shared, self.mean, self.inv_std)
+    return standardized_rows(self.inputs.features, self.inputs.shared,
+                             self.mean, self.inv_std)
+
+
+def standardized_rows(features: jax.Array, shared: jax.Array,
+                      mean: jax.Array, inv_std: jax.Array) -> jax.Array:
+  """([features, shared] - mean) * inv_std: [B, M, F + P].
+
+  Args:
+    features: [B, M, F] per-example channels.
+    shared: [M, P] channels every example shares.
+    mean, inv_std: [B, M] row statistics.
+  """
+  shared = jnp.broadcast_to(shared, features.shape[:2] + shared.shape[-1:])
+  rows = jnp.concatenate([features, shared], axis=-1)
+  return (rows - mean[..., None]) * inv_std[..., None]
 
 
 ByteArray = Union[jax.Array, SplitByteArray, StandardizedByteArray]

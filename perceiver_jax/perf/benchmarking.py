@@ -23,11 +23,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from perceiver_jax import flops as flops_lib
 from perceiver_jax import models
-from perceiver_jax import profiling
-from perceiver_jax.kernels import cpu_attention
-from perceiver_jax.kernels import cpu_matmul
+from perceiver_jax.analysis import flops as flops_lib
+from perceiver_jax.backends.cpu import attention as cpu_attention
+from perceiver_jax.backends.cpu import matmul as cpu_matmul
+from perceiver_jax.perf import profiling
 from perceiver_jax.training import losses
 from perceiver_jax.training import optimizers
 
@@ -153,9 +153,8 @@ def compile_step(experiment_config: ml_collections.ConfigDict, mode: str,
   `run()` runs one step (a train step carries its parameters and optimizer
   state to the next call); `run.compiled` is the compiled step. The
   measurements are compile_s, flops_per_step, cpu_matmul_calls (products
-  compiled to the OpenBLAS kernel, perceiver_jax.kernels.cpu_matmul),
-  cpu_attention_calls (forward and backward calls of the fused attention
-  kernel, perceiver_jax.kernels.cpu_attention) and the
+  compiled to the CPU backend's OpenBLAS kernel), cpu_attention_calls
+  (forward and backward calls of its fused attention kernels) and the
   memory of `device_memory`. `compiler_options` (XLA debug options such as
   {'xla_cpu_prefer_vector_width': 512}) apply to this compilation only.
   """

@@ -7,9 +7,9 @@ import pytest
 
 from configs import digits
 from configs import imagenet
-from perceiver_jax import benchmarking
-from perceiver_jax import hf_reference
-from perceiver_jax import host_memory
+from perceiver_jax.perf import benchmarking
+from perceiver_jax.perf import hf_reference
+from perceiver_jax.perf import host_memory
 from tests import helpers
 
 
@@ -25,10 +25,20 @@ def test_benchmark_reports_positive_measurements(mode):
       result['flops_per_step'] / result['median_s'] / 1e12)
   assert result['process_peak_rss_bytes'] > 0
   assert result['page_faults_per_step'] >= 0
+
+
+@pytest.mark.parametrize('mode', ['forward', 'train'])
+def test_compiled_step_counts_cpu_kernel_calls(mode):
+  helpers.require_cpu_backend()
+  config = digits.get_config('debug').experiment_kwargs.config
+  _, info = benchmarking.compile_step(config, mode, 4)
   # 'auto' on CPU: attention is fused; dense layers' weight gradients go
   # through the matmul kernel.
-  assert result['cpu_attention_calls'] > 0
-  assert (result['cpu_matmul_calls'] > 0) == (mode == 'train')
+  assert info['cpu_attention_calls'] > 0
+  assert (info['cpu_matmul_calls'] > 0) == (mode == 'train')
+  config.model.backend = 'reference'
+  _, info = benchmarking.compile_step(config, mode, 4)
+  assert info['cpu_attention_calls'] == info['cpu_matmul_calls'] == 0
 
 
 def test_train_step_counts_backward_flops():

@@ -1,4 +1,4 @@
-"""Fused softmax attention on CPU (XLA FFI calls; see cpu_attention.cc).
+"""Fused softmax attention on CPU (XLA FFI calls; csrc/cpu_attention.cc).
 
 `attention(q, k, v)` is softmax(q k^T) v per example and head, for
 q [B, N, H, K] (already scaled), k [B, M, H, K], v [B, M, H, V] in float32,
@@ -10,15 +10,8 @@ core's cache, and the [B, H, N, M] logits are never held (memory as
 chunked attention's, for any M). Work is shared over XLA's intra-op threads
 by example, head and tile.
 
-At bench_b's shapes its forward and backward passes take 0.75x the time of
-the chunked attention built from `cpu_matmul` products for the one-head
-cross-attention (B = 8, N = 256 latents, M = 16,384 inputs, K = V = 133),
-0.61x for the 8-head self-attention over 256 latents (README, Performance).
-
-Whether a model uses it: `enabled()`, true when `cpu_matmul.enabled()` (the
-same library, the same 'auto' / 'blas' / 'xla' backend) and the innermost
-`fused(flag)` context allows it (the model config's `fused_cpu_attention`,
-default True). As for `cpu_matmul`, the choice is made while tracing.
+The CPU backend uses it for every unmasked float32 attention; how it
+compares with the chunked attention is in docs/cpu_backend.md.
 
 `standardized_attention(q, features, shared, mean, inv_std)` is the one-head
 case where keys and values are both the standardised rows of a byte array
@@ -31,14 +24,11 @@ a gradient (a learned preprocessor), the backward pass builds the rows once
 and runs the backward kernel above for dq and the rows' gradient.
 """
 
-import contextlib
-import contextvars
-from typing import Iterator
-
 import jax
 import jax.numpy as jnp
 
-from perceiver_jax.kernels import cpu_matmul
+from perceiver_jax.backends.cpu import native
+from perceiver_jax.ops import byte_array
 
 FORWARD_TARGET = 'perceiver_jax_cpu_attention_fwd'
 BACKWARD_TARGET = 'perceiver_jax_cpu_attention_bwd'
@@ -48,28 +38,6 @@ TARGETS = (FORWARD_TARGET, BACKWARD_TARGET, STANDARDIZED_FORWARD_TARGET,
            STANDARDIZED_BACKWARD_TARGET)
 # How calls of the kernels read in compiled HLO text.
 HLO_CALLS = tuple(f'custom_call_target="{t}"' for t in TARGETS)
-
-_fused = contextvars.ContextVar('perceiver_jax_cpu_attention', default=True)
-
-
-@contextlib.contextmanager
-def fused(allowed: bool) -> Iterator[None]:
-  """Attention traced inside may use the fused kernel iff `allowed`."""
-  token = _fused.set(bool(allowed))
-  try:
-    yield
-  finally:
-    _fused.reset(token)
-
-
-def enabled() -> bool:
-  """Whether attention traced now should use the fused kernel.
-
-  Raises:
-    cpu_matmul.BuildError: backend 'blas' on CPU and the kernels do not
-      build.
-  """
-  return _fused.get() and cpu_matmul.enabled()
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -85,7 +53,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
   Raises:
     ValueError: other ranks, shapes that do not match, or other dtypes.
-    cpu_matmul.BuildError: the kernels do not build.
+    native.BuildError: the kernels do not build.
   """
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or (
       k.shape[0], k.shape[2:]) != (q.shape[0], q.shape[2:]) or (
@@ -96,7 +64,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   if dtypes != {jnp.dtype(jnp.float32)}:
     raise ValueError('cpu_attention runs in float32; got '
                      f'{sorted(map(str, dtypes))}.')
-  cpu_matmul.register()
+  native.register()
   return _attention(q, k, v)
 
 
@@ -160,7 +128,7 @@ def standardized_attention(q: jax.Array, features: jax.Array,
 
   Raises:
     ValueError: shapes that do not match, or other dtypes.
-    cpu_matmul.BuildError: the kernels do not build.
+    native.BuildError: the kernels do not build.
   """
   args = (q, features, shared, mean, inv_std)
   if (q.ndim != 3 or features.ndim != 3 or shared.ndim != 2 or
@@ -175,17 +143,9 @@ def standardized_attention(q: jax.Array, features: jax.Array,
   if dtypes != {jnp.dtype(jnp.float32)}:
     raise ValueError('cpu_attention runs in float32; got '
                      f'{sorted(map(str, dtypes))}.')
-  cpu_matmul.register()
+  native.register()
   return _standardized(q[:, :, None], features, shared, mean,
                        inv_std)[:, :, 0]
-
-
-def standardized_rows(features: jax.Array, shared: jax.Array,
-                      mean: jax.Array, inv_std: jax.Array) -> jax.Array:
-  """([features, shared] - mean) * inv_std: [B, M, F + P], in jnp."""
-  shared = jnp.broadcast_to(shared, features.shape[:2] + shared.shape[-1:])
-  rows = jnp.concatenate([features, shared], axis=-1)
-  return (rows - mean[..., None]) * inv_std[..., None]
 
 
 @jax.custom_vjp
@@ -217,7 +177,7 @@ def _standardized_bwd(residuals, g):
         jax.ShapeDtypeStruct(q.shape, jnp.float32),
         vmap_method='sequential')(q, *parts, g, lse, d) if need_dq else None
     return (dq,) + (None,) * len(parts)
-  rows, rows_vjp = jax.vjp(standardized_rows, *parts)  # [B, M, F + P]
+  rows, rows_vjp = jax.vjp(byte_array.standardized_rows, *parts)  # [B, M, F + P]
   rows = rows[:, :, None]
   shapes = [x.shape if wanted else (0,) * 4
             for x, wanted in ((q, need_dq), (rows, need_dparts),

@@ -5,11 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perceiver_jax import flops
-from perceiver_jax import profiling
-from perceiver_jax.kernels import cpu_attention
-from perceiver_jax.kernels import cpu_matmul
-from perceiver_jax.modules import attention
+from perceiver_jax import ops
+from perceiver_jax.analysis import flops
+from perceiver_jax.backends.cpu import attention
+from perceiver_jax.ops import byte_array
+from perceiver_jax.perf import profiling
+from tests import helpers
+
+
+@pytest.fixture(autouse=True)
+def _cpu_backend():
+  helpers.require_cpu_backend()
 
 
 def _reference(q, k, v):
@@ -59,14 +65,14 @@ SHAPES = [
 @pytest.mark.parametrize('shape', SHAPES)
 def test_attention_matches_softmax_attention(shape):
   q, k, v, _ = _operands(0, *shape)
-  _assert_close(cpu_attention.attention(q, k, v), _reference(q, k, v))
+  _assert_close(attention.attention(q, k, v), _reference(q, k, v))
 
 
 def test_large_logits_are_stable():
   # Logits in the hundreds: the online softmax's running max changes from
   # tile to tile, and exp(logit) alone would overflow.
   q, k, v, _ = _operands(1, 2, 40, 900, 1, 8, 5, logit_scale=60.0)
-  out = cpu_attention.attention(q, k, v)
+  out = attention.attention(q, k, v)
   assert np.all(np.isfinite(out))
   # float32 logits of ~500 are rounded by up to 3e-5, which exp passes on.
   _assert_close(out, _reference(q, k, v), rtol=1e-4)
@@ -81,7 +87,7 @@ def test_gradients_match_xla(shape, argnums):
     loss = lambda *qkv: jnp.sum(fn(*qkv) * g)
     return jax.jit(jax.grad(loss, argnums))(q, k, v)
 
-  for got, want in zip(grads(cpu_attention.attention), grads(_xla_attention)):
+  for got, want in zip(grads(attention.attention), grads(_xla_attention)):
     _assert_close(got, want)
 
 
@@ -93,8 +99,8 @@ def test_gradients_match_xla(shape, argnums):
 ])
 def test_empty_sizes(shape):
   q, k, v, g = _operands(3, *shape)
-  _assert_close(cpu_attention.attention(q, k, v), _reference(q, k, v))
-  loss = lambda *qkv: jnp.sum(cpu_attention.attention(*qkv) * g)
+  _assert_close(attention.attention(q, k, v), _reference(q, k, v))
+  loss = lambda *qkv: jnp.sum(attention.attention(*qkv) * g)
   got = jax.grad(loss, (0, 1, 2))(q, k, v)
   if shape[2]:
     want = jax.grad(lambda *qkv: jnp.sum(_xla_attention(*qkv) * g),
@@ -108,20 +114,20 @@ def test_empty_sizes(shape):
 def test_under_vmap():
   q, k, v, _ = _operands(4, 6, 9, 30, 2, 4, 3)
   batched = [x.reshape((2, 3) + x.shape[1:]) for x in (q, k, v)]
-  out = jax.vmap(cpu_attention.attention)(*batched)
+  out = jax.vmap(attention.attention)(*batched)
   _assert_close(out.reshape((6,) + out.shape[2:]), _reference(q, k, v))
 
 
 def test_bad_operands_are_rejected():
   q, k, v, _ = _operands(5, 2, 3, 4, 1, 5, 6)
   with pytest.raises(ValueError, match=r'q \[B, N, H, K\]'):
-    cpu_attention.attention(q[0], k, v)
+    attention.attention(q[0], k, v)
   with pytest.raises(ValueError, match=r'q \[B, N, H, K\]'):
-    cpu_attention.attention(q, k[..., :4], v)
+    attention.attention(q, k[..., :4], v)
   with pytest.raises(ValueError, match=r'q \[B, N, H, K\]'):
-    cpu_attention.attention(q, k, v[:, :3])
+    attention.attention(q, k, v[:, :3])
   with pytest.raises(ValueError, match='float32'):
-    cpu_attention.attention(q.astype(jnp.bfloat16), k, v)
+    attention.attention(q.astype(jnp.bfloat16), k, v)
 
 
 @pytest.mark.parametrize('argnums,need_dq,need_dkv', [
@@ -129,7 +135,7 @@ def test_bad_operands_are_rejected():
 def test_flops_are_counted(argnums, need_dq, need_dkv):
   batch, n, m, heads, depth, width = 2, 8, 11, 3, 5, 7
   q, k, v, g = _operands(6, batch, n, m, heads, depth, width)
-  forward = lambda *qkv: cpu_attention.attention(*qkv)
+  forward = lambda *qkv: attention.attention(*qkv)
   per_product = 2 * batch * heads * n * m
   assert flops.count_flops(forward, q, k, v) == per_product * (depth + width)
   # Backward: q k^T and g v^T, then the gradients asked for.
@@ -144,31 +150,31 @@ def test_flops_are_counted(argnums, need_dq, need_dkv):
   assert flops.count_flops(grad, q, k, v) == sum(kernel_flops)
 
 
-def test_enabled_follows_the_contexts():
-  assert cpu_attention.enabled()  # Defaults: fused, matmul backend 'auto'.
-  with cpu_attention.fused(False):
-    assert not cpu_attention.enabled()
-    with cpu_attention.fused(True):
-      assert cpu_attention.enabled()
-  with cpu_matmul.backend('xla'):
-    assert not cpu_attention.enabled()
-
-
 def _fused_calls(fn, *args) -> int:
   # A new function each time: jit would reuse an earlier trace of `fn`.
   hlo = jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
-  return hlo.count(cpu_attention.FORWARD_TARGET)
+  return hlo.count(attention.FORWARD_TARGET)
+
+
+@pytest.mark.parametrize('backend, calls', [
+    ('auto', 1), ('cpu', 1), ('reference', 0)])
+def test_the_backend_choice_decides_whether_the_kernel_runs(backend, calls):
+  q, k, v, _ = _operands(7, 2, 5, 9, 2, 4, 3)
+  with ops.use_backend(backend):
+    assert _fused_calls(ops.attention, q, k, v) == calls
+    with ops.use_backend('reference'):  # The innermost choice holds.
+      assert _fused_calls(ops.attention, q, k, v) == 0
+    assert _fused_calls(ops.attention, q, k, v) == calls
 
 
 @pytest.mark.parametrize('heads', [1, 4])
 @pytest.mark.parametrize('chunk_size', [None, 64])
-def test_dot_product_attention_takes_the_kernel(heads, chunk_size):
+def test_ops_attention_takes_the_kernel(heads, chunk_size):
   q, k, v, g = _operands(7, 2, 20, 300, heads, 8, 6)
-  fn = lambda q, k, v: attention.dot_product_attention(
-      q, k, v, chunk_size=chunk_size)
+  fn = lambda q, k, v: ops.attention(q, k, v, chunk_size=chunk_size)
   loss = lambda *qkv: jnp.sum(fn(*qkv) * g)
   assert _fused_calls(fn, q, k, v) == 1
-  with cpu_attention.fused(False):
+  with ops.use_backend('reference'):
     assert _fused_calls(fn, q, k, v) == 0
     want, want_grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
   got, got_grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
@@ -180,10 +186,10 @@ def test_dot_product_attention_takes_the_kernel(heads, chunk_size):
 def test_masks_and_other_dtypes_stay_in_xla():
   q, k, v, _ = _operands(8, 2, 20, 30, 1, 8, 6)
   mask = jnp.arange(30)[None] < jnp.array([[10], [30]])
-  assert _fused_calls(lambda q, k, v: attention.dot_product_attention(
-      q, k, v, mask), q, k, v) == 0
+  assert _fused_calls(lambda q, k, v: ops.attention(q, k, v, mask),
+                      q, k, v) == 0
   bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-  assert _fused_calls(attention.dot_product_attention, *bf16) == 0
+  assert _fused_calls(ops.attention, *bf16) == 0
 
 
 def _split_operands(seed, batch, n, m, features, shared):
@@ -198,7 +204,7 @@ def _split_operands(seed, batch, n, m, features, shared):
 
 
 def _dense_standardized_attention(q, x, pos, mean, inv_std):
-  rows = cpu_attention.standardized_rows(x, pos, mean, inv_std)[:, :, None]
+  rows = byte_array.standardized_rows(x, pos, mean, inv_std)[:, :, None]
   return _xla_attention(q[:, :, None], rows, rows)[:, :, 0]
 
 
@@ -214,9 +220,9 @@ SPLIT_SHAPES = [
 @pytest.mark.parametrize('shape', SPLIT_SHAPES)
 def test_standardized_attention_matches_the_built_rows(shape):
   q, x, pos, mean, inv_std, _ = _split_operands(9, *shape)
-  rows = np.asarray(cpu_attention.standardized_rows(x, pos, mean, inv_std))
+  rows = np.asarray(byte_array.standardized_rows(x, pos, mean, inv_std))
   _assert_close(
-      jax.jit(cpu_attention.standardized_attention)(q, x, pos, mean, inv_std),
+      jax.jit(attention.standardized_attention)(q, x, pos, mean, inv_std),
       _reference(q[:, :, None], rows[:, :, None], rows[:, :, None])[:, :, 0])
 
 
@@ -227,7 +233,7 @@ def test_standardized_attention_gradients_match_xla(shape, argnums):
   args = (q, x, pos, mean, inv_std)
   grad = lambda fn: jax.jit(jax.grad(
       lambda *a: jnp.sum(fn(*a) * g), argnums))(*args)
-  got = grad(cpu_attention.standardized_attention)
+  got = grad(attention.standardized_attention)
   want = grad(_dense_standardized_attention)
   for got_grad, want_grad in zip(got, want):
     _assert_close(got_grad, want_grad)
@@ -235,7 +241,7 @@ def test_standardized_attention_gradients_match_xla(shape, argnums):
 
 def test_standardized_attention_without_inputs_gives_zeros():
   q, x, pos, mean, inv_std, _ = _split_operands(11, 2, 3, 0, 2, 3)
-  out = cpu_attention.standardized_attention(q, x, pos, mean, inv_std)
+  out = attention.standardized_attention(q, x, pos, mean, inv_std)
   np.testing.assert_array_equal(out, np.zeros(q.shape))
 
 
@@ -246,9 +252,9 @@ def test_standardized_attention_rejects_bad_operands():
                      ((q, x, pos, mean[:, :5], inv_std), 'inv_std \\[B, M\\]'),
                      ((q, x, pos, mean, inv_std[None]), 'inv_std \\[B, M\\]')]:
     with pytest.raises(ValueError, match=match):
-      cpu_attention.standardized_attention(*bad)
+      attention.standardized_attention(*bad)
   with pytest.raises(ValueError, match='float32'):
-    cpu_attention.standardized_attention(
+    attention.standardized_attention(
         q, x.astype(jnp.bfloat16), pos, mean, inv_std)
 
 
@@ -257,16 +263,16 @@ def test_standardized_attention_flops_are_counted():
   args = _split_operands(13, batch, n, m, features, shared)[:5]
   width = features + shared
   forward_flops = 2 * batch * n * m * 2 * width
-  assert flops.count_flops(cpu_attention.standardized_attention,
+  assert flops.count_flops(attention.standardized_attention,
                            *args) == forward_flops
   # Backward for q alone (rows rebuilt per tile): q k^T, g v^T and ds k.
   backward_flops = 2 * batch * n * m * 3 * width
   g = _split_operands(13, batch, n, m, features, shared)[5]
   grad = jax.grad(lambda *a: jnp.sum(
-      cpu_attention.standardized_attention(*a) * g))
+      attention.standardized_attention(*a) * g))
   hlo = jax.jit(grad).lower(*args).compile().as_text()
-  assert hlo.count(cpu_attention.STANDARDIZED_BACKWARD_TARGET) == 1
-  assert hlo.count(f'"{cpu_attention.BACKWARD_TARGET}"') == 0
+  assert hlo.count(attention.STANDARDIZED_BACKWARD_TARGET) == 1
+  assert hlo.count(f'"{attention.BACKWARD_TARGET}"') == 0
   assert sorted(i.dot_flops for i in profiling.parse_hlo(hlo).values()
                 if i.opcode == 'custom-call') == [forward_flops,
                                                   backward_flops]

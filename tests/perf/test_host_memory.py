@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from perceiver_jax import host_memory
+from perceiver_jax.perf import host_memory
 from tests import helpers
 
 _KEEP = ':'.join(host_memory.KEEP_FREED)
@@ -101,7 +101,7 @@ def test_transparent_huge_pages_mode(tmp_path, monkeypatch, text, mode):
 # be in 'madvise' mode (so the test does not depend on this machine's).
 _SCRIPT = textwrap.dedent("""
     import os, sys
-    from perceiver_jax import host_memory
+    from perceiver_jax.perf import host_memory
     with open(sys.argv[1], 'a') as f:
       f.write(os.environ.get('GLIBC_TUNABLES', '-') + ' ' +
               ' '.join(sys.argv[2:]) + '\\n')

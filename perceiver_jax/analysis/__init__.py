@@ -1,0 +1,1 @@
+"""Cost counting without running a model: FLOPs and model summaries."""

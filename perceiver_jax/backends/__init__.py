@@ -1,0 +1,1 @@
+"""Optional platform backends of `perceiver_jax.ops` (imported by ops only)."""

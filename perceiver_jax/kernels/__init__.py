@@ -1,1 +1,0 @@
-"""Hand-written kernels for what XLA compiles slowly (see each module)."""

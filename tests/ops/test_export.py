@@ -1,0 +1,64 @@
+"""Programs lowered for one platform hold that platform's ops only.
+
+The training gradient of the paper's ImageNet models is exported with
+`jax.export` for 'cpu', 'cuda' and 'tpu' on this (CPU) host: the CPU
+backend's kernels appear in the CPU program and in no other.
+"""
+
+import jax
+from jax import export
+import jax.numpy as jnp
+import pytest
+
+from perceiver_jax import models
+from perceiver_jax import ops
+from perceiver_jax.analysis import summary
+from tests import helpers
+from tests import test_configs
+
+_CPU_KERNEL = 'perceiver_jax_cpu'
+
+
+def _training_gradient(experiment_config, backend='auto'):
+  """(grad of the cross-entropy loss, abstract params, abstract batch)."""
+  model = experiment_config.model.copy_and_resolve_references()
+  model.backend = backend
+  forward = models.make_forward(model)
+  images = summary.input_spec(experiment_config.data, batch_size=1)
+  labels = jax.ShapeDtypeStruct((1,), jnp.int32)
+  params = jax.eval_shape(
+      lambda x: forward.init(jax.random.key(0), x, is_training=True), images)
+
+  def loss(params, images, labels):
+    logits = forward.apply(params, jax.random.key(1), images,
+                           is_training=True)
+    return -jnp.mean(jnp.take_along_axis(
+        jax.nn.log_softmax(logits), labels[:, None], axis=-1))
+
+  return jax.jit(jax.grad(loss)), (params, images, labels)
+
+
+def _exported_text(fn, args, platform):
+  # The CPU kernels are this project's own FFI targets, with no stability
+  # guarantee across jaxlib versions: the CPU export must allow them.
+  checks = [export.DisabledSafetyCheck.custom_call(target)
+            for target in ops.flop_rules()]
+  return export.export(fn, platforms=(platform,), disabled_checks=checks)(
+      *args).mlir_module()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('preset', [None, 'p2'])
+def test_accelerator_programs_hold_no_cpu_kernel(preset):
+  helpers.require_cpu_backend()
+  config = test_configs._load(  # pylint: disable=protected-access
+      'imagenet.py', preset).experiment_kwargs.config
+  grad, args = _training_gradient(config)
+  texts = {platform: _exported_text(grad, args, platform)
+           for platform in ('cpu', 'cuda', 'tpu')}
+  assert _CPU_KERNEL in texts['cpu']
+  assert _CPU_KERNEL not in texts['cuda']
+  assert _CPU_KERNEL not in texts['tpu']
+  # The reference backend holds no kernel on any platform.
+  grad, args = _training_gradient(config, backend='reference')
+  assert _CPU_KERNEL not in _exported_text(grad, args, 'cpu')

@@ -18,8 +18,8 @@ Presets (`--config=configs/digits.py:permuted,seed=1`):
   debug      a few steps of a tinier model (for tests and smoke runs).
   seed=N     initialisation / data-order seed.
 
-Expected: >= 95% test top-1 for both presets (measured numbers in the
-README). Deviations from P1: tiny model; AdamW-free LAMB with warmup-free
+Expected: >= 95% test top-1 for both presets (measured numbers in
+docs/performance.md). Deviations from P1: tiny model; AdamW-free LAMB with warmup-free
 constant-then-cosine schedule over 1,000 steps.
 """
 

@@ -5,11 +5,12 @@ bench_a training step) with malloc at every call and frees them after it.
 glibc serves blocks over its mmap threshold (32 MiB at most) with fresh
 mappings and unmaps them when freed, so every step faults its working set
 in again, 4 KiB at a time: ~159k page faults per bench_a training step,
-15-20% of its time on a 2-core CPU. The entry points (scripts/train.py,
-evaluate.py, benchmark.py) therefore call `reexec_with_malloc_settings()`
-first: glibc reads its tunables once, at process start, so the process is
-replaced by the same command with GLIBC_TUNABLES set, once. The setting is
-PERCEIVER_JAX_MALLOC:
+15-20% of its time on a 2-core CPU. scripts/benchmark.py therefore calls
+`reexec_with_malloc_settings()` first: glibc reads its tunables once, at
+process start, so the process is replaced by the same command with
+GLIBC_TUNABLES set, once. Training and evaluation never re-execute
+themselves; docs/performance.md gives the GLIBC_TUNABLES a user can set
+for them. The setting is PERCEIVER_JAX_MALLOC:
 
 - 'huge_pages': `glibc.malloc.hugetlb=1` (glibc >= 2.35; only where the
   kernel hands out transparent huge pages on request, THP mode 'madvise'):
@@ -23,7 +24,7 @@ PERCEIVER_JAX_MALLOC:
   thread allocates from the main heap. After the first steps no page is
   faulted in at all, and the kernel's share of the CPU during bench_b
   training falls from 8-16% to under 1%, for more resident memory: the heap
-  keeps its high-water mark and its fragments (README, Performance, "Kept
+  keeps its high-water mark and its fragments (docs/performance.md, "Kept
   memory", has the measurements).
 - 'system': glibc's defaults.
 - 'auto' (default): 'keep' on hosts without an accelerator

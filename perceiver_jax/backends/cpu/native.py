@@ -148,14 +148,14 @@ def build(cache_dir: Optional[str] = None,
     raise BuildError(f'cannot write to {out_dir} ({e}); set '
                      'PERCEIVER_JAX_CACHE to a writable folder.') from e
   os.close(fd)
-  # -march=native: the attention kernel's exponentials run 1.6x faster with
-  # this machine's vector instructions (AVX-512 here) than with the x86-64
-  # baseline's SSE2; the cache key names the CPU, so a cache shared by
-  # different machines holds one build for each.
+  # -march=native: the attention kernel's exponentials vectorise with the
+  # machine's own instructions (AVX-512 where present) rather than the
+  # x86-64 baseline's SSE2 (docs/cpu_backend.md); the cache key names the
+  # CPU, so a cache shared by different machines holds one build for each.
   command = [compiler, '-O3', '-march=native', '-fopenmp-simd', '-std=c++17',
              '-shared', '-fPIC', '-isystem', ffi_include, '-isystem',
-             blas_include, *map(str, _SOURCES), '-o', partial, '-L', blas_lib, '-lscipy_openblas',
-             f'-Wl,-rpath,{blas_lib}']
+             blas_include, *map(str, _SOURCES), '-o', partial, '-L', blas_lib,
+             '-lscipy_openblas', f'-Wl,-rpath,{blas_lib}']
   try:
     result = subprocess.run(command, capture_output=True, text=True,
                             timeout=600, check=False)

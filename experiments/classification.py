@@ -16,7 +16,6 @@ import functools
 import time
 from typing import Any, Iterator, Mapping, Optional
 
-from absl import logging
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -27,16 +26,19 @@ import optax
 from perceiver_jax import data as data_lib
 from perceiver_jax import models
 from perceiver_jax.modules import perceiver
-from perceiver_jax.training import checkpointing
 from perceiver_jax.training import jaxline_compat
+from perceiver_jax.training import logs
 from perceiver_jax.training import losses
 from perceiver_jax.training import metrics
 from perceiver_jax.training import optimizers
 from perceiver_jax.training import parallel
 from perceiver_jax.training import precision
+from perceiver_jax.training import preemption
+from perceiver_jax.training import tree_io
 
 jaxline = jaxline_compat.import_jaxline()
 _AXIS = parallel.AXIS_NAME
+_LOG = logs.get_logger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -89,7 +91,7 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
       self._initialize_train(int(jaxline.utils.get_first(global_step)))
     batch = next(self._train_input)
     stop = np.full([jax.local_device_count()],
-                   checkpointing.stop_requested(), np.int32)
+                   preemption.stop_requested(), np.int32)
     self._params, self._opt_state, scalars = self._update_pmap(
         self._params, self._opt_state, global_step, rng, batch, stop)
     scalars = jax.device_get(jaxline.utils.get_first(scalars))
@@ -99,7 +101,7 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
       raise NonFiniteLossError(
           f'Loss is {scalars["loss"]} at step {step}; stopping. The last '
           'checkpoint saved before this step is left untouched.')
-    scalars.update(self._throughput(step))
+    scalars.update(self._throughput(step, float(scalars['loss'])))
     return scalars
 
   def should_run_step(self, global_step: int,
@@ -107,12 +109,12 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     """Stops at training_steps, or early (and saves) when any host is asked
     to (SIGTERM/SIGINT): every host sees the same vote through the update."""
     if self._stop_votes:
-      logging.warning('Stop requested at step %d: saving and exiting.',
-                      global_step)
+      _LOG.warning('Stop requested at step %d: saving and exiting.',
+                   global_step)
       return False
     return global_step < config.training_steps
 
-  def _throughput(self, step: int) -> dict[str, float]:
+  def _throughput(self, step: int, loss: float) -> dict[str, float]:
     now = time.time()
     if self._last_log is None:
       self._last_log = (now, step)
@@ -125,10 +127,10 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     remaining = self.config.training.total_steps - step - 1
     every = self.config.training.log_every_steps
     if every and (step + 1) % every == 0:
-      logging.info('step %d/%d  steps/sec %.2f  ETA %s', step + 1,
-                   self.config.training.total_steps, steps_per_sec,
-                   time.strftime('%H:%M:%S',
-                                 time.gmtime(remaining / steps_per_sec)))
+      _LOG.info('step %d/%d  loss %.4f  steps/sec %.2f  ETA %s', step + 1,
+                self.config.training.total_steps, loss, steps_per_sec,
+                time.strftime('%H:%M:%S',
+                              time.gmtime(remaining / steps_per_sec)))
     return {'steps_per_sec': steps_per_sec,
             'examples_per_sec': steps_per_sec * self.config.training.batch_size}
 
@@ -225,7 +227,7 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     if totals is None:
       raise ValueError(f'Eval split {self.config.data.eval_split!r} is empty.')
     results = self.summarize_eval(totals)
-    logging.info('eval at step %d: %s', int(jaxline.utils.get_first(
+    _LOG.info('eval at step %d: %s', int(jaxline.utils.get_first(
         global_step)), {k: round(float(v), 4) for k, v in results.items()})
     return results
 
@@ -275,9 +277,9 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
       value = snapshot_state[chk_name]
       template = getattr(self, attr_name)
       if template is not None:
-        value = checkpointing.restore_structure(
+        value = tree_io.restore_structure(
             jaxline.utils.get_first(template), value)
       elif attr_name == '_opt_state':
-        value = checkpointing.restore_structure(
+        value = tree_io.restore_structure(
             self._optimizer.init(snapshot_state['params']), value)
       setattr(self, attr_name, parallel.replicate(value))

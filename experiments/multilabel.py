@@ -8,17 +8,18 @@ the W windows of each clip (inputs shaped [B, W, ...]; P1: 16 overlapping
 
 from typing import Any, Mapping
 
-from absl import logging
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments import classification
+from perceiver_jax.training import logs
 from perceiver_jax.training import losses
 from perceiver_jax.training import multilabel_metrics
 
 _AXIS = classification._AXIS  # pylint: disable=protected-access
+_LOG = logs.get_logger(__name__)
 
 
 class MultiLabelExperiment(classification.ClassificationExperiment):
@@ -62,7 +63,7 @@ class MultiLabelExperiment(classification.ClassificationExperiment):
       raise ValueError(f'Eval split {self.config.data.eval_split!r} is empty.')
     scores, labels = np.concatenate(scores), np.concatenate(labels)
     results = multilabel_metrics.multilabel_metrics(labels, scores)
-    logging.info('eval at step %d over %d clips: %s',
-                 int(np.asarray(global_step)[0]), len(labels),
-                 {k: round(float(v), 4) for k, v in results.items()})
+    _LOG.info('eval at step %d over %d clips: %s',
+              int(np.asarray(global_step)[0]), len(labels),
+              {k: round(float(v), 4) for k, v in results.items()})
     return {'num_examples': float(len(labels)), **results}

@@ -6,15 +6,16 @@ r"""Evaluates one checkpoint and prints its metrics as one JSON line.
 --checkpoint is a checkpoint directory (its newest complete step is used),
 a series or a single step directory; local or gs://. The metrics are those
 the training run's evaluation logs, over every example of the split.
+--verbosity=0 (-v 0) adds the INFO lines of orbax, absl, JAX and TensorFlow
+(see perceiver_jax/training/logs.py).
 """
 
 import json
 
-from perceiver_jax import host_memory
+from perceiver_jax.training import logs
 
-# First of all, before the heavy imports: this may restart the process.
-if __name__ == '__main__':
-  host_memory.reexec_with_malloc_settings()
+# Before TensorFlow and XLA load: they read their C++ log level once.
+logs.quiet_native_logs()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -34,6 +35,7 @@ _SPLIT = flags.DEFINE_string('split', None,
 
 def main(argv):
   del argv
+  logs.configure()
   metrics = experiments.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value,
                                            _SPLIT.value)
   print(json.dumps(metrics))
@@ -41,7 +43,6 @@ def main(argv):
 
 def run():
   """Console-script entry point (`perceiver-evaluate`)."""
-  host_memory.reexec_with_malloc_settings()
   flags.mark_flags_as_required(['config', 'checkpoint'])
   app.run(main)
 

@@ -12,15 +12,19 @@ evaluates checkpoints as they appear in the directory.
 Multi-host: pass --coordinator_address=HOST:PORT --num_processes=N
 --process_id=I on every host (or set config.distributed.*); on Cloud TPU,
 --distributed alone lets JAX discover the pod.
+
+It prints progress (step, loss, steps/sec, ETA every
+`training.log_every_steps`), evaluation results and warnings;
+--verbosity=0 (-v 0) adds the INFO lines of jaxline, orbax, absl, JAX and
+TensorFlow, 1 adds DEBUG (see perceiver_jax/training/logs.py).
 """
 
 import sys
 
-from perceiver_jax import host_memory
+from perceiver_jax.training import logs
 
-# First of all, before the heavy imports: this may restart the process.
-if __name__ == '__main__':
-  host_memory.reexec_with_malloc_settings()
+# Before TensorFlow and XLA load: they read their C++ log level once.
+logs.quiet_native_logs(load_tensorflow=True)  # jaxline.platform loads it.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -34,6 +38,7 @@ from jaxline import platform
 import experiments
 from perceiver_jax.training import checkpointing
 from perceiver_jax.training import parallel
+from perceiver_jax.training import preemption
 
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize (auto-detects the '
@@ -59,20 +64,20 @@ def _maybe_initialize_distributed(config) -> None:
 
 
 def main(argv):
+  logs.configure()
   config = flags.FLAGS['config'].value
   _maybe_initialize_distributed(config)
   experiment_class = experiments.get_experiment_class(
       config.experiment_kwargs.config.experiment)
-  checkpointing.install_signal_handlers()
+  preemption.install_signal_handlers()
   platform.main(experiment_class, argv,
                 checkpointer_factory=checkpointing.make_checkpointer)
-  if checkpointing.stop_requested():
+  if preemption.stop_requested():
     sys.exit(143)  # Preempted: saved; the same command resumes.
 
 
 def run():
   """Console-script entry point (`perceiver-train`)."""
-  host_memory.reexec_with_malloc_settings()
   flags.mark_flag_as_required('config')
   app.run(main)
 

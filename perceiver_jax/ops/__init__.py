@@ -10,9 +10,10 @@ The model calls `attention`, `attend_to_inputs`, `linear` and `layer_norm`
 (and the pure `standardize`); this module is the only place that knows how
 they are computed. `reference` implements them in plain jnp with JAX's own
 gradients, and runs on every platform unless a backend registers a faster
-implementation for it. The optional CPU backend
-(`perceiver_jax.backends.cpu.backend`: OpenBLAS products and fused attention,
-XLA FFI calls) is imported here on first use and registers itself.
+implementation for it. Backends are imported here on first use and
+register themselves: `tpu` (Pallas flash attention) and the optional CPU
+backend (`perceiver_jax.backends.cpu.backend`: OpenBLAS products and fused
+attention, XLA FFI calls).
 
 Which implementation runs is decided per lowering platform with
 `jax.lax.platform_dependent`: a program traced once holds the CPU branch
@@ -43,8 +44,9 @@ from perceiver_jax.ops import byte_array
 from perceiver_jax.ops import reference
 
 BACKENDS = ('auto', 'reference', 'cpu')
-# Platform -> the module of its optional backend, imported on first use.
-_BACKEND_MODULES = {'cpu': 'perceiver_jax.backends.cpu.backend'}
+# Platform -> the module of its backend, imported on first use.
+_BACKEND_MODULES = {'cpu': 'perceiver_jax.backends.cpu.backend',
+                    'tpu': 'perceiver_jax.ops.tpu'}
 
 
 class BackendUnavailable(RuntimeError):

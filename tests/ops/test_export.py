@@ -2,7 +2,8 @@
 
 The training gradient of the paper's ImageNet models is exported with
 `jax.export` for 'cpu', 'cuda' and 'tpu' on this (CPU) host: the CPU
-backend's kernels appear in the CPU program and in no other.
+backend's kernels appear in the CPU program and in no other, and the TPU
+program holds the Pallas flash attention kernel.
 """
 
 import jax
@@ -13,6 +14,8 @@ import pytest
 from perceiver_jax import models
 from perceiver_jax import ops
 from perceiver_jax.analysis import summary
+from perceiver_jax.modules import perceiver
+from perceiver_jax.training import precision
 from tests import helpers
 from tests import test_configs
 
@@ -62,3 +65,22 @@ def test_accelerator_programs_hold_no_cpu_kernel(preset):
   # The reference backend holds no kernel on any platform.
   grad, args = _training_gradient(config, backend='reference')
   assert _CPU_KERNEL not in _exported_text(grad, args, 'cpu')
+
+
+@pytest.fixture
+def bfloat16_policy():
+  """The bfloat16 mixed-precision policy on the Perceiver, for one test."""
+  precision.apply_policy('bfloat16', [perceiver.Perceiver])
+  yield
+  precision.apply_policy('float32', [perceiver.Perceiver])
+
+
+@pytest.mark.slow
+def test_tpu_program_holds_the_pallas_kernel_in_bfloat16(bfloat16_policy):
+  del bfloat16_policy
+  config = test_configs._load(  # pylint: disable=protected-access
+      'imagenet.py', None).experiment_kwargs.config
+  grad, args = _training_gradient(config)
+  text = _exported_text(grad, args, 'tpu')
+  assert 'tpu_custom_call' in text and 'bf16' in text
+  assert _CPU_KERNEL not in text

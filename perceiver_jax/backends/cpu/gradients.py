@@ -31,19 +31,24 @@ def layer_norm(x, scale, offset, eps):
 
 def _layer_norm_fwd(x, scale, offset, eps):
   normalized, inv_std = reference.standardize(x, eps)
-  return normalized * scale + offset, (normalized, inv_std, scale)
+  # An empty array carries offset's dtype to the backward pass.
+  return normalized * scale + offset, (normalized, inv_std, scale,
+                                       jnp.zeros((0,), offset.dtype))
 
 
 def _layer_norm_bwd(eps, residuals, g):
   del eps
-  normalized, inv_std, scale = residuals
+  normalized, inv_std, scale, offset_dtype = residuals
   g_scaled = g * scale
   dx = inv_std * (g_scaled - jnp.mean(g_scaled, axis=-1, keepdims=True)
                   - normalized * jnp.mean(g_scaled * normalized, axis=-1,
                                           keepdims=True))
   batch_axes = tuple(range(g.ndim - 1))
-  return (dx, jnp.sum(g * normalized, axis=batch_axes),
-          jnp.sum(g, axis=batch_axes))
+  # Each gradient in its primal's dtype, as JAX's own would be (mixed
+  # precision mixes them).
+  return (dx.astype(normalized.dtype),
+          jnp.sum(g * normalized, axis=batch_axes).astype(scale.dtype),
+          jnp.sum(g, axis=batch_axes).astype(offset_dtype.dtype))
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)

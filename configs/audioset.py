@@ -47,6 +47,10 @@ Deviations: P1 does not give AudioSet's optimizer; we use ImageNet's LAMB
 (4e-3, weight decay 0.1, clip 10) with constant-then-cosine over 100 epochs
 of the unbalanced training set, batch 512. Audio Fourier bands (64, max
 resolution 480) and the mel parameters are our choices; see the data module.
+
+Precision: training.precision='auto', bfloat16 compute with float32
+parameters, softmax and LayerNorm statistics on GPU and TPU, float32 on
+CPU ('float32' or 'bfloat16' force one).
 """
 
 import math
@@ -195,7 +199,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
           name='lamb', base_lr=4e-3, weight_decay=0.1, clip_grad_norm=10.0,
           schedule='constant_cosine', constant_fraction=0.5),
       training=dict(batch_size=batch_size, label_smoothing=0.0,
-                    precision='float32', data_seed=options.seed,
+                    precision='auto', data_seed=options.seed,
                     log_every_steps=100, total_steps=training_steps),
       evaluation=dict(batch_size=batch_size, per_class_metrics=False),
   ))

@@ -21,6 +21,10 @@ Presets (`--config=configs/digits.py:permuted,seed=1`):
 Expected: >= 95% test top-1 for both presets (measured numbers in
 docs/performance.md). Deviations from P1: tiny model; AdamW-free LAMB with warmup-free
 constant-then-cosine schedule over 1,000 steps.
+
+Precision: training.precision='auto', bfloat16 compute with float32
+parameters, softmax and LayerNorm statistics on GPU and TPU, float32 on
+CPU ('float32' or 'bfloat16' force one).
 """
 
 from typing import Optional
@@ -58,7 +62,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
           name='lamb', base_lr=4e-3, weight_decay=1e-2, clip_grad_norm=10.0,
           schedule='constant_cosine', constant_fraction=0.5),
       training=dict(batch_size=64, label_smoothing=0.0,
-                    precision='float32', data_seed=options.seed,
+                    precision='auto', data_seed=options.seed,
                     log_every_steps=100, total_steps=training_steps),
       evaluation=dict(batch_size=64, per_class_metrics=False),
   ))

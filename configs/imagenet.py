@@ -24,13 +24,17 @@ Presets (comma-separated after ':'):
               widening 4, batch 16.
   bench_b     benchmark: 128x128 images (M = 16,384), 256 x 512 latents,
               otherwise bench_a, batch 8; cross-attention in chunks of 4,096
-              inputs (same results, faster on CPU).
+              inputs (same results; bounds the reference ops' memory).
   debug       16x16 images, a tiny model and a few steps (tests).
   seed=N      initialisation / data-order seed.
 
 Deviations: weight decay, clipping and label smoothing are not stated in P1;
 the values above are those of the released Perceiver IO code (P2). P1's
 batch size is inferred (1024 on 64 TPUv3).
+
+Precision: training.precision='auto', bfloat16 compute with float32
+parameters, softmax and LayerNorm statistics on GPU and TPU, float32 on
+CPU ('float32' or 'bfloat16' force one).
 """
 
 from typing import Optional
@@ -175,7 +179,7 @@ def build_config(options: ml_collections.ConfigDict, *, name: str,
       experiment='classification', data=data, model=model,
       optimizer=optimizer,
       training=dict(batch_size=batch_size, label_smoothing=0.1,
-                    precision='float32', data_seed=options.seed,
+                    precision='auto', data_seed=options.seed,
                     log_every_steps=100, total_steps=training_steps),
       evaluation=dict(batch_size=eval_batch_size, per_class_metrics=False),
   ))

@@ -57,6 +57,10 @@ literals so that loading a config imports no data code.
 Deviations: weight decay 0.1 / clip 10 / label smoothing 0.1 follow the
 ImageNet settings ("otherwise the ImageNet settings", P1 Sec. 4.4); the
 387-channel input without other features is inferred.
+
+Precision: training.precision='auto', bfloat16 compute with float32
+parameters, softmax and LayerNorm statistics on GPU and TPU, float32 on
+CPU ('float32' or 'bfloat16' force one).
 """
 
 import os
@@ -131,7 +135,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
                  backend='auto'),
       optimizer=common.optimizer(**optimizer),
       training=dict(batch_size=batch_size, label_smoothing=0.1,
-                    precision='float32', data_seed=options.seed,
+                    precision='auto', data_seed=options.seed,
                     log_every_steps=100, total_steps=training_steps),
       evaluation=dict(batch_size=batch_size, per_class_metrics=True),
   ))

@@ -57,7 +57,10 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     self.mode = mode
     self.config = config
     self._init_rng = init_rng
-    precision.apply_policy(config.training.precision, [perceiver.Perceiver])
+    # 'auto' follows the devices this process trains on (bf16 on GPU/TPU).
+    self.compute_dtype = precision.resolve(
+        config.training.precision, jax.local_devices()[0].platform)
+    precision.apply_policy(self.compute_dtype, [perceiver.Perceiver])
     self.forward = models.make_forward(config.model)
     self._data = data_lib.get_module(config.data.name)
 

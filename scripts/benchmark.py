@@ -155,8 +155,11 @@ def _sweep(argv) -> None:
 
 def _compare_hf(exp, batch_size: int, peaks: list[dict]) -> None:
   """Ours against HF's PyTorch Perceiver, forward then train: JSON lines."""
+  import jax
   from perceiver_jax.perf import hf_reference
-  if exp.training.precision != 'float32':
+  from perceiver_jax.training import precision
+  if precision.resolve(exp.training.precision,
+                       jax.devices()[0].platform) != 'float32':
     raise ValueError('--compare=hf runs float32 only.')
   direct = benchmarking.with_overrides(
       exp, {'model.encoder.cross_attention': 'direct',

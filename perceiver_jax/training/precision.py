@@ -3,6 +3,9 @@
 Modules hold no dtype logic; `apply_policy(config.training.precision,
 [perceiver.Perceiver])` decides for all of them:
 
+- 'auto': 'bfloat16' on GPU and TPU, 'float32' on CPU (`resolve`, from
+  the platform of the devices the experiment trains on; XLA:CPU has no fast
+  bfloat16 matrix products).
 - 'float32': no policy; everything in float32.
 - 'bfloat16': on each given model class, parameters are created and kept in
   float32 (so are the gradients and the optimizer state, which follow the
@@ -32,7 +35,9 @@ import jmp
 
 from perceiver_jax.modules import attention
 
-PRECISIONS = ('float32', 'bfloat16')
+PRECISIONS = ('auto', 'float32', 'bfloat16')
+# What the policies below are applied with: 'auto' resolved.
+COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 # Statistics layers that must compute in float32 under a bfloat16 policy.
 NORM_CLASSES: tuple[type[hk.Module], ...] = (
@@ -42,11 +47,26 @@ _MODEL_POLICY = 'params=float32,compute=bfloat16,output=float32'
 _NORM_POLICY = 'params=float32,compute=float32,output=bfloat16'
 
 
+def resolve(name: str, platform: str) -> str:
+  """The compute dtype of precision `name` on `platform` ('cpu', 'gpu',
+  'tpu', as `jax.Device.platform` names them).
+
+  Raises:
+    ValueError: for a name not in PRECISIONS.
+  """
+  if name not in PRECISIONS:
+    raise ValueError(f'Unknown precision {name!r}; expected one of '
+                     f'{PRECISIONS}.')
+  if name != 'auto':
+    return name
+  return 'float32' if platform == 'cpu' else 'bfloat16'
+
+
 def model_policy(compute_dtype: str) -> jmp.Policy:
   """The jmp policy of a top-level model for `compute_dtype`.
 
   Raises:
-    ValueError: for a dtype not in PRECISIONS.
+    ValueError: for a dtype not in COMPUTE_DTYPES.
   """
   _check_dtype(compute_dtype)
   if compute_dtype == 'float32':
@@ -55,9 +75,9 @@ def model_policy(compute_dtype: str) -> jmp.Policy:
 
 
 def _check_dtype(compute_dtype: str) -> None:
-  if compute_dtype not in PRECISIONS:
+  if compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f'Unknown compute dtype {compute_dtype!r}; expected one '
-                     f'of {PRECISIONS}.')
+                     f'of {COMPUTE_DTYPES} (resolve \'auto\' first).')
 
 
 def apply_policy(compute_dtype: str,

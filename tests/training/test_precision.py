@@ -100,3 +100,18 @@ def test_model_policy():
 def test_errors(dtype, classes, match):
   with pytest.raises(ValueError, match=match):
     precision.apply_policy(dtype, classes)
+
+
+@pytest.mark.parametrize('platform, want', [
+    ('cpu', 'float32'), ('gpu', 'bfloat16'), ('tpu', 'bfloat16')])
+def test_auto_is_bfloat16_on_accelerators_only(platform, want):
+  assert precision.resolve('auto', platform) == want
+  for name in ('float32', 'bfloat16'):
+    assert precision.resolve(name, platform) == name
+
+
+def test_unresolved_or_unknown_precisions_are_rejected():
+  with pytest.raises(ValueError, match="Unknown precision 'fp16'"):
+    precision.resolve('fp16', 'cpu')
+  with pytest.raises(ValueError, match="resolve 'auto' first"):
+    precision.model_policy('auto')

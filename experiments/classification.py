@@ -25,6 +25,7 @@ import optax
 
 from perceiver_jax import data as data_lib
 from perceiver_jax import models
+from perceiver_jax.analysis import flops
 from perceiver_jax.modules import perceiver
 from perceiver_jax.training import jaxline_compat
 from perceiver_jax.training import logs
@@ -34,6 +35,7 @@ from perceiver_jax.training import optimizers
 from perceiver_jax.training import parallel
 from perceiver_jax.training import precision
 from perceiver_jax.training import preemption
+from perceiver_jax.training import throughput
 from perceiver_jax.training import tree_io
 
 jaxline = jaxline_compat.import_jaxline()
@@ -69,6 +71,7 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     self._train_input: Optional[Iterator[Mapping[str, Any]]] = None
     self._stop_votes = 0
     self._last_log = None
+    self._flops_per_device_step = None
 
     self._train_batch_dims = parallel.batch_dims(config.training.batch_size,
                                                  'training.batch_size')
@@ -95,6 +98,11 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     batch = next(self._train_input)
     stop = np.full([jax.local_device_count()],
                    preemption.stop_requested(), np.int32)
+    if self._flops_per_device_step is None:
+      # Traced, not run: the pmapped step's body is one device's work.
+      self._flops_per_device_step = flops.count_flops(
+          self._update_pmap, self._params, self._opt_state, global_step, rng,
+          batch, stop, platform=jax.local_devices()[0].platform)
     self._params, self._opt_state, scalars = self._update_pmap(
         self._params, self._opt_state, global_step, rng, batch, stop)
     scalars = jax.device_get(jaxline.utils.get_first(scalars))
@@ -129,13 +137,18 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     self._last_log = (now, step)
     remaining = self.config.training.total_steps - step - 1
     every = self.config.training.log_every_steps
+    rates = {'steps_per_sec': steps_per_sec,
+             'examples_per_sec': steps_per_sec * self.config.training.batch_size,
+             **throughput.step_metrics(self._flops_per_device_step or 0.0,
+                                       steps_per_sec, jax.local_devices()[0])}
     if every and (step + 1) % every == 0:
-      _LOG.info('step %d/%d  loss %.4f  steps/sec %.2f  ETA %s', step + 1,
-                self.config.training.total_steps, loss, steps_per_sec,
+      mfu = f'  MFU {rates["mfu"]:.1%}' if 'mfu' in rates else ''
+      _LOG.info('step %d/%d  loss %.4f  steps/sec %.2f  TFLOP/s/device %.3g'
+                '%s  ETA %s', step + 1, self.config.training.total_steps, loss,
+                steps_per_sec, rates['tflops_per_device'], mfu,
                 time.strftime('%H:%M:%S',
                               time.gmtime(remaining / steps_per_sec)))
-    return {'steps_per_sec': steps_per_sec,
-            'examples_per_sec': steps_per_sec * self.config.training.batch_size}
+    return rates
 
   def _initialize_train(self, start_step: int) -> None:
     self._train_input = self._build_input(is_training=True,

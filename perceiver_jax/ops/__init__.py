@@ -11,7 +11,8 @@ The model calls `attention`, `attend_to_inputs`, `linear` and `layer_norm`
 they are computed. `reference` implements them in plain jnp with JAX's own
 gradients, and runs on every platform unless a backend registers a faster
 implementation for it. Backends are imported here on first use and
-register themselves: `tpu` (Pallas flash attention) and the optional CPU
+register themselves: `tpu` (Pallas flash attention), `gpu` (cuDNN flash
+attention, in processes that see CUDA devices) and the optional CPU
 backend (`perceiver_jax.backends.cpu.backend`: OpenBLAS products and fused
 attention, XLA FFI calls).
 
@@ -45,7 +46,9 @@ from perceiver_jax.ops import reference
 
 BACKENDS = ('auto', 'reference', 'cpu')
 # Platform -> the module of its backend, imported on first use.
+# A module may decline to register (ops/gpu.py without CUDA devices).
 _BACKEND_MODULES = {'cpu': 'perceiver_jax.backends.cpu.backend',
+                    'cuda': 'perceiver_jax.ops.gpu',
                     'tpu': 'perceiver_jax.ops.tpu'}
 
 

@@ -95,7 +95,8 @@ _CROSS = flags.DEFINE_enum(
     'Override the encoder\'s cross-attention formulation.')
 _CHUNK = flags.DEFINE_integer(
     'chunk_size', None, 'Override the cross-attention chunk size (0: off).')
-_PRECISION = flags.DEFINE_enum('precision', None, ['float32', 'bfloat16'],
+_PRECISION = flags.DEFINE_enum('precision', None,
+                               ['auto', 'float32', 'bfloat16'],
                                'Override the compute precision.')
 _PROFILE = flags.DEFINE_integer(
     'profile', None, 'Instead of timing: trace this many steps and print '

@@ -27,9 +27,11 @@ from perceiver_jax import models
 from perceiver_jax.analysis import flops as flops_lib
 from perceiver_jax.backends.cpu import attention as cpu_attention
 from perceiver_jax.backends.cpu import matmul as cpu_matmul
+from perceiver_jax.modules import perceiver
 from perceiver_jax.perf import profiling
 from perceiver_jax.training import losses
 from perceiver_jax.training import optimizers
+from perceiver_jax.training import precision
 
 
 def time_calls(fn: Callable[[], Any], *, warmup: int = 2, steps: int = 10
@@ -103,10 +105,16 @@ def make_step(experiment_config: ml_collections.ConfigDict, mode: str,
               batch_size: int) -> tuple[Callable[..., Any], tuple[Any, ...]]:
   """A jitted forward or train step of the config's model on random data.
 
+  The config's `training.precision` policy is set (process-wide, as the
+  experiment sets it) and applies when the step is traced.
+
   Returns:
     (step, args): `step(*args)` runs once; the train step donates its params
     and optimizer state and returns the new ones.
   """
+  precision.apply_policy(
+      precision.resolve(experiment_config.training.precision,
+                        jax.devices()[0].platform), [perceiver.Perceiver])
   forward = models.make_forward(experiment_config.model)
   shape = experiment_config.data.input_shape
   rng = jax.random.key(0)

@@ -7,10 +7,13 @@ import pytest
 
 from configs import digits
 from configs import imagenet
+from perceiver_jax.modules import perceiver
 from perceiver_jax.perf import benchmarking
 from perceiver_jax.perf import hf_reference
 from perceiver_jax.perf import host_memory
+from perceiver_jax.training import precision
 from tests import helpers
+from tests import test_configs
 
 
 @pytest.mark.parametrize('mode', ['forward', 'train'])
@@ -234,3 +237,17 @@ def test_benchmark_script_sweep_measures_rss_without_kept_memory():
   assert [p['num_inputs'] for p in points] == [64, 256]
   assert not any(p['keep_freed_memory'] for p in points)
   assert growth['sweep_growth']['xla_temp_bytes_per_input'] > 0
+
+
+def test_steps_follow_the_configs_precision():
+  """training.precision reaches the benchmarked step (bf16 compute), and
+  'auto' is float32 on this CPU host."""
+  exp = test_configs._load(  # pylint: disable=protected-access
+      'imagenet.py', 'debug').experiment_kwargs.config
+  texts = {}
+  for name in ('bfloat16', 'auto'):
+    exp.training.precision = name
+    step, args = benchmarking.make_step(exp, 'forward', 2)
+    texts[name] = step.lower(*args).as_text()
+  precision.apply_policy('float32', [perceiver.Perceiver])
+  assert 'bf16' in texts['bfloat16'] and 'bf16' not in texts['auto']

@@ -207,12 +207,9 @@ def _parse_against(exp) -> dict:
 
 def _against(exp, variants: dict, batch_size: int, peak: dict) -> None:
   """The configured step against each --against variant, taking turns."""
-  from perceiver_jax.modules import perceiver
-  from perceiver_jax.training import precision
   runs = {'baseline': benchmarking.compile_step(exp, _MODE.value, batch_size)}
   for name, (config, overrides, options) in variants.items():
-    # The dtype policy is global and read when the step is traced (here).
-    precision.apply_policy(config.training.precision, [perceiver.Perceiver])
+    # make_step sets each variant's dtype policy before it is traced.
     run, info = benchmarking.compile_step(config, _MODE.value, batch_size,
                                           compiler_options=options)
     info.update(overrides=overrides, compiler_options=options)
@@ -237,9 +234,6 @@ def main(argv):
     return
   exp = _CONFIG.value.experiment_kwargs.config
   _apply_overrides(exp)
-  from perceiver_jax.training import precision
-  from perceiver_jax.modules import perceiver
-  precision.apply_policy(exp.training.precision, [perceiver.Perceiver])
   batch_size = _BATCH.value or exp.training.batch_size
   if _AGAINST.value and (_COMPARE.value or _PROFILE.value is not None):
     raise app.UsageError('--against does not go with --compare or --profile.')

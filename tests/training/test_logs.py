@@ -155,7 +155,8 @@ def test_a_default_run_prints_progress_and_results_only(tmp_path):
   assert _library_lines(lines) == [], lines
   progress = [line for line in lines if 'ETA' in line]
   assert len(progress) == 2, lines
-  assert re.search(r'step 10/10  loss [\d.]+  steps/sec [\d.]+  ETA 00:00:00$',
+  assert re.search(r'step 10/10  loss [\d.]+  steps/sec [\d.]+  '
+                   r'TFLOP/s/device [\d.e+-]+  ETA 00:00:00$',
                    progress[-1]), progress
 
   stdout, lines = _script('evaluate', f'--checkpoint={tmp_path}')

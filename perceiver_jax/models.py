@@ -30,15 +30,18 @@ import jax.numpy as jnp
 import ml_collections
 
 from perceiver_jax import ops
+from perceiver_jax.modules import audio_video
+from perceiver_jax.modules import multimodal
 from perceiver_jax.modules import perceiver
+from perceiver_jax.modules import point_cloud
 from perceiver_jax.modules import preprocessors
 
 PREPROCESSORS: Mapping[str, Callable[..., Any]] = {
     'image': preprocessors.ImagePreprocessor,
-    'audio': preprocessors.AudioPreprocessor,
-    'spectrogram': preprocessors.SpectrogramPreprocessor,
-    'video': preprocessors.VideoPreprocessor,
-    'point_cloud': preprocessors.PointCloudPreprocessor,
+    'audio': audio_video.AudioPreprocessor,
+    'spectrogram': audio_video.SpectrogramPreprocessor,
+    'video': audio_video.VideoPreprocessor,
+    'point_cloud': point_cloud.PointCloudPreprocessor,
 }
 # Those that can keep Fourier position features apart from the per-example
 # channels (`ops.byte_array.SplitByteArray`); build_model asks them to.
@@ -99,7 +102,7 @@ def build_preprocessor(section: ml_collections.ConfigDict,
         modality: build_preprocessor(sub, name=f'{modality}_preprocessor',
                                      select_input=False)
         for modality, sub in section.modalities.items()}
-    module = preprocessors.MultimodalPreprocessor(
+    module = multimodal.MultimodalPreprocessor(
         modalities, name=name,
         **_kwargs(section, 'type', 'modalities', 'permutation_seed',
                   'input_key'))

@@ -1,5 +1,11 @@
 """Input preprocessors: raw batches -> byte array [B, M, C] (+ padding mask).
 
+This module holds the contract and the pieces the preprocessors share
+(permutation, output shapes, validation, patches, grid Fourier features) and
+ImagePreprocessor; the others live in `audio_video` (AudioPreprocessor,
+SpectrogramPreprocessor, VideoPreprocessor), `point_cloud`
+(PointCloudPreprocessor) and `multimodal` (MultimodalPreprocessor).
+
 Shape letters:
   B: batch size.  M: byte array length.  C: byte array channels.
   H, W: image height, width.  T: time steps (audio samples, video frames).
@@ -28,7 +34,7 @@ Paper sizes:
 """
 
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import haiku as hk
 import jax
@@ -99,7 +105,7 @@ def compute_output_shape(make_preprocessor: Callable[[], Any],
     make_preprocessor: builds the preprocessor, e.g.
       `lambda: ImagePreprocessor(num_freq_bands=64)`.
     input_shape: per-example input shape, no batch axis (a dict of them for
-      MultimodalPreprocessor).
+      `multimodal.MultimodalPreprocessor`).
   """
   shape_fn = hk.transform(
       lambda: make_preprocessor().output_shape(input_shape))
@@ -192,50 +198,6 @@ def _concat_grid_fourier(x: jax.Array, grid: tuple[int, ...], num_bands: int,
   # Positions follow the data's dtype (e.g. a bfloat16 policy).
   x = byte_array.SplitByteArray(x, jnp.asarray(pos, x.dtype))
   return x if split else x.dense()  # [B, M, F + P]
-
-
-class _GridPreprocessor(hk.Module):
-  """Shared logic: data on a grid -> [B, M, F] + Fourier features of grid.
-
-  Subclasses define `_layout(input_shape) -> (grid, F)` (shape arithmetic,
-  validated) and `_features(inputs) -> [B, *grid, F]`.
-  """
-
-  def __init__(self, num_freq_bands: int, max_resolution: Resolution,
-               split_positions: bool, name: Optional[str]):
-    super().__init__(name=name)
-    _check_positive(num_freq_bands=num_freq_bands)
-    _check_resolution(max_resolution, 'max_resolution')
-    self._num_freq_bands = num_freq_bands
-    self._max_resolution = max_resolution
-    self._split_positions = split_positions
-
-  def _layout(self, input_shape: tuple[int, ...]) -> tuple[tuple[int, ...],
-                                                           int]:
-    raise NotImplementedError
-
-  def _features(self, inputs: jax.Array) -> jax.Array:
-    raise NotImplementedError
-
-  def output_shape(self, input_shape: Sequence[int]) -> tuple[int, int]:
-    """(M, C) for per-example inputs of `input_shape` (no batch axis)."""
-    grid, channels = self._layout(tuple(input_shape))
-    _resolve_resolution(self._max_resolution, grid)  # Validates.
-    return (math.prod(grid), channels + position_encoding.num_fourier_channels(
-        len(grid), self._num_freq_bands))
-
-  def __call__(self, inputs: jax.Array, *,
-               is_training: bool) -> tuple[jax.Array, None]:
-    """Maps raw inputs [B, ...] to ([B, M, F + P], None)."""
-    del is_training  # Deterministic.
-    _check_float(inputs, type(self).__name__)
-    grid, _ = self._layout(tuple(inputs.shape[1:]))
-    x = self._features(inputs)  # [B, *grid, F]
-    x = x.reshape(x.shape[0], math.prod(grid), x.shape[-1])  # [B, M, F]
-    x = _concat_grid_fourier(x, grid, self._num_freq_bands,
-                             _resolve_resolution(self._max_resolution, grid),
-                             self._split_positions)
-    return x, None
 
 
 class ImagePreprocessor(hk.Module):
@@ -363,259 +325,3 @@ class ImagePreprocessor(hk.Module):
           name='position_encoding')(batch)  # [B, M, P]
       x = jnp.concatenate([x, pos.astype(x.dtype)], axis=-1)
     return x, None
-
-
-class AudioPreprocessor(_GridPreprocessor):
-  """Raw audio [B, T] -> [B, T/S, S + (2K+1)]: patches + 1D Fourier features.
-
-  P1 AudioSet: 61,440 samples in patches of S = 128 -> 480 x (128 + 129)
-  with K = 64. mu = max_resolution defaults to the number of patches.
-  """
-
-  def __init__(self, samples_per_patch: int = 128, num_freq_bands: int = 64,
-               max_resolution: Resolution = None,
-               split_positions: bool = False, name: Optional[str] = None):
-    super().__init__(num_freq_bands, max_resolution, split_positions,
-                     name=name)
-    _check_positive(samples_per_patch=samples_per_patch)
-    self._samples_per_patch = samples_per_patch
-
-  def _layout(self, input_shape):
-    (num_samples,) = _check_shape(input_shape, 1, 'AudioPreprocessor input')
-    grid = _patch_grid((num_samples,), (self._samples_per_patch,),
-                       f'AudioPreprocessor(samples_per_patch='
-                       f'{self._samples_per_patch})')
-    return grid, self._samples_per_patch
-
-  def _features(self, inputs):
-    return inputs.reshape(inputs.shape[0], -1,
-                          self._samples_per_patch)  # [B, T/S, S]
-
-
-class SpectrogramPreprocessor(_GridPreprocessor):
-  """Spectrograms [B, frames, bins] -> patches + 2D Fourier features.
-
-  Patches of patch_shape = (pt, pf) over (time, frequency) give
-  M = (frames/pt)(bins/pf) inputs of pt*pf values (time-major), plus
-  2(2K+1) Fourier channels over the (time, frequency) grid of patches.
-  P1's mel input: 96 x 50 with (1, 1) -> 4,800 inputs.
-  """
-
-  def __init__(self, patch_shape: Sequence[int] = (1, 1),
-               num_freq_bands: int = 32, max_resolution: Resolution = None,
-               split_positions: bool = False, name: Optional[str] = None):
-    super().__init__(num_freq_bands, max_resolution, split_positions,
-                     name=name)
-    patch_shape = tuple(patch_shape)
-    if len(patch_shape) != 2:
-      raise ValueError(
-          f'patch_shape must be (time, freq), got {patch_shape}.')
-    _check_positive(patch_time=patch_shape[0], patch_freq=patch_shape[1])
-    self._patch_shape = patch_shape
-
-  def _layout(self, input_shape):
-    shape = _check_shape(input_shape, 2, 'SpectrogramPreprocessor input')
-    grid = _patch_grid(shape, self._patch_shape, 'SpectrogramPreprocessor')
-    return grid, math.prod(self._patch_shape)
-
-  def _features(self, inputs):
-    return extract_patches(inputs[..., None], self._patch_shape)
-
-
-class VideoPreprocessor(_GridPreprocessor):
-  """Video [B, T, H, W, F] -> space-time patches + 3D Fourier features.
-
-  patch_shape (pt, ph, pw) patches are flattened in (t, y, x, channel)
-  order; Fourier features over the (t, y, x) patch grid, mu defaulting to
-  that grid. P1 AudioSet: 32x224x224x3, (2, 8, 8), K = 16 -> 12,544 x
-  (384 + 99) = 483 channels.
-  """
-
-  def __init__(self, patch_shape: Sequence[int] = (2, 8, 8),
-               num_freq_bands: int = 16, max_resolution: Resolution = None,
-               split_positions: bool = False, name: Optional[str] = None):
-    super().__init__(num_freq_bands, max_resolution, split_positions,
-                     name=name)
-    patch_shape = tuple(patch_shape)
-    if len(patch_shape) != 3:
-      raise ValueError(
-          f'patch_shape must be (time, height, width), got {patch_shape}.')
-    _check_positive(patch_time=patch_shape[0], patch_height=patch_shape[1],
-                    patch_width=patch_shape[2])
-    self._patch_shape = patch_shape
-
-  def _layout(self, input_shape):
-    *spatial, channels = _check_shape(input_shape, 4,
-                                      'VideoPreprocessor input')
-    grid = _patch_grid(spatial, self._patch_shape, 'VideoPreprocessor')
-    return grid, math.prod(self._patch_shape) * channels
-
-  def _features(self, inputs):
-    return extract_patches(inputs, self._patch_shape)
-
-
-class PointCloudPreprocessor(hk.Module):
-  """Points [B, N, d] -> their Fourier features [B, N, d(2K+1)] (P1 Sec. 4.4).
-
-  The coordinates are the positions (expected in [-1, 1], e.g. unit-cube
-  normalised); no other features. ModelNet40: K = 64, mu = 1120 -> 387.
-  """
-
-  def __init__(self, num_freq_bands: int = 64,
-               max_resolution: Union[int, Sequence[int]] = 1120,
-               name: Optional[str] = None):
-    super().__init__(name=name)
-    _check_positive(num_freq_bands=num_freq_bands)
-    if max_resolution is None:
-      raise ValueError('max_resolution is required for point clouds.')
-    _check_resolution(max_resolution, 'max_resolution')
-    self._num_freq_bands = num_freq_bands
-    self._max_resolution = max_resolution
-
-  def output_shape(self, input_shape: Sequence[int]) -> tuple[int, int]:
-    """(N, d(2K+1)) for per-example points of `input_shape` = (N, d)."""
-    num_points, num_dims = _check_shape(input_shape, 2,
-                                        'PointCloudPreprocessor input')
-    if (np.ndim(self._max_resolution) != 0 and
-        len(self._max_resolution) != num_dims):
-      raise ValueError(
-          f'max_resolution={self._max_resolution} has '
-          f'{len(self._max_resolution)} entries but the points have '
-          f'{num_dims} coordinates.')
-    return num_points, position_encoding.num_fourier_channels(
-        num_dims, self._num_freq_bands)
-
-  def __call__(self, inputs: jax.Array, *,
-               is_training: bool) -> tuple[jax.Array, None]:
-    """Maps points [B, N, d] to ([B, N, d(2K+1)], None)."""
-    del is_training  # Deterministic.
-    _check_float(inputs, 'PointCloudPreprocessor')
-    self.output_shape(inputs.shape[1:])
-    # Phases reach pi*mu/2 (~1760): computed in float32 at least, since a
-    # bfloat16 phase would be off by whole periods.
-    positions = inputs.astype(jnp.promote_types(inputs.dtype, jnp.float32))
-    x = position_encoding.fourier_features(positions, self._num_freq_bands,
-                                           self._max_resolution)
-    return x.astype(inputs.dtype), None
-
-
-class MultimodalPreprocessor(hk.Module):
-  """Fuses several modalities into one byte array (P1 AudioSet audio+video).
-
-  Each modality's preprocessor gives [B, M_i, C_i]. All are padded to
-  C = max_i C_i + min_padding_size channels with a learned per-modality
-  vector (parameter '<modality>_padding' of C - C_i channels, truncated
-  normal std 0.02, broadcast over B and M_i), which also tells the encoder
-  which modality an input belongs to; then they are concatenated along M in
-  sorted modality order. P1 audio+video: video 483 channels +
-  min_padding_size 4 -> C = 487; raw audio 257 gets 230 padding channels.
-
-  Modality dropout (training only): per example, modality i's values (its
-  preprocessor's output, position features included) are zeroed with
-  probability modality_dropout[i] (P1: video, p = 0.3). The learned padding
-  stays, so the encoder still sees which modality was dropped. No rescaling
-  (unlike unit dropout): the model should see the values it sees at test.
-
-  Mask: None if no modality returned one; else [B, M], the modalities'
-  masks concatenated like their values, all True for a modality without one.
-  """
-
-  def __init__(self, modalities: Mapping[str, Preprocessor],
-               min_padding_size: int = 2,
-               modality_dropout: Optional[Mapping[str, float]] = None,
-               name: Optional[str] = None):
-    """Initialises the module.
-
-    Args:
-      modalities: modality name -> preprocessor (called with that entry of
-        the input dict).
-      min_padding_size: padding channels even the widest modality gets.
-      modality_dropout: modality name -> probability in [0, 1] of zeroing
-        that modality per training example.
-      name: module name.
-
-    Raises:
-      ValueError: for no modalities, negative min_padding_size, or dropout
-        for an unknown modality or a probability outside [0, 1].
-    """
-    super().__init__(name=name)
-    if not modalities:
-      raise ValueError('modalities must name at least one preprocessor.')
-    if int(min_padding_size) != min_padding_size or min_padding_size < 0:
-      raise ValueError(
-          f'min_padding_size must be an integer >= 0, got {min_padding_size}.')
-    modality_dropout = dict(modality_dropout or {})
-    unknown = sorted(set(modality_dropout) - set(modalities))
-    if unknown:
-      raise ValueError(f'modality_dropout names unknown modalities {unknown}; '
-                       f'modalities are {sorted(modalities)}.')
-    for modality, prob in modality_dropout.items():
-      if not 0.0 <= prob <= 1.0:
-        raise ValueError(f'modality_dropout[{modality!r}] = {prob} is not in '
-                         '[0, 1].')
-    self._modalities = dict(modalities)
-    self._keys = sorted(modalities)
-    self._min_padding_size = int(min_padding_size)
-    self._modality_dropout = modality_dropout
-
-  def output_shape(
-      self, input_shape: Mapping[str, Sequence[int]]) -> tuple[int, int]:
-    """(M, C) for per-example inputs {modality: shape}."""
-    self._check_keys(input_shape)
-    shapes = [self._modalities[k].output_shape(input_shape[k])
-              for k in self._keys]
-    return (sum(m for m, _ in shapes),
-            max(c for _, c in shapes) + self._min_padding_size)
-
-  def _check_keys(self, inputs: Mapping[str, Any]) -> None:
-    if not hasattr(inputs, 'keys'):
-      raise ValueError('MultimodalPreprocessor expects a dict of inputs keyed '
-                       f'by {self._keys}, got {type(inputs).__name__}.')
-    missing = sorted(set(self._keys) - set(inputs))
-    if missing:
-      raise ValueError(f'Inputs lack modalities {missing}; got keys '
-                       f'{sorted(inputs)}.')
-
-  def __call__(self, inputs: Mapping[str, Any], *,
-               is_training: bool) -> tuple[jax.Array, Optional[jax.Array]]:
-    """Maps {modality: raw input} to ([B, M, C], mask [B, M] or None)."""
-    self._check_keys(inputs)
-    outputs = {k: self._modalities[k](inputs[k], is_training=is_training)
-               for k in self._keys}
-    batches = {k: x.shape[0] for k, (x, _) in outputs.items()}
-    if len(set(batches.values())) != 1:
-      raise ValueError(f'Modalities disagree on batch size: {batches}.')
-    for k, (x, mask) in outputs.items():
-      if x.ndim != 3 or (mask is not None and mask.shape != x.shape[:2]):
-        raise ValueError(
-            f'Modality {k!r} gave byte array {x.shape} and mask '
-            f'{None if mask is None else mask.shape}; expected [B, M, C] '
-            'and [B, M] or None.')
-    width = (max(x.shape[-1] for x, _ in outputs.values()) +
-             self._min_padding_size)
-
-    values, masks = [], []
-    for k in self._keys:
-      x, mask = outputs[k]  # [B, M_i, C_i], [B, M_i] or None
-      batch, length, channels = x.shape
-      prob = self._modality_dropout.get(k, 0.0)
-      if is_training and prob > 0.0:
-        keep = jax.random.bernoulli(hk.next_rng_key(), 1.0 - prob, (batch,))
-        x = jnp.where(keep[:, None, None], x, jnp.zeros((), x.dtype))
-      if width > channels:
-        padding = hk.get_parameter(
-            f'{k}_padding', [width - channels],
-            init=hk.initializers.TruncatedNormal(stddev=0.02))
-        padding = jnp.broadcast_to(padding.astype(x.dtype),
-                                   (batch, length, width - channels))
-        x = jnp.concatenate([x, padding], axis=-1)  # [B, M_i, C]
-      values.append(x)
-      masks.append(mask)
-
-    x = jnp.concatenate(values, axis=1)  # [B, M, C]
-    if all(m is None for m in masks):
-      return x, None
-    mask = jnp.concatenate(
-        [jnp.ones(v.shape[:2], bool) if m is None else m.astype(bool)
-         for v, m in zip(values, masks)], axis=1)  # [B, M]
-    return x, mask

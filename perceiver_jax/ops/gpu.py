@@ -92,9 +92,8 @@ def attend_to_inputs(q: jax.Array, inputs: byte_array.ByteArray,
                      mask: Optional[jax.Array], *, scale: float,
                      chunk_size: Optional[int] = None) -> jax.Array:
   """`ops.reference.attend_to_inputs` (same arguments), via `attention`."""
-  x = byte_array.dense(inputs)[:, :, None]  # [B, M, 1, C]
-  return attention(q[:, :, None], x, x, mask, scale=scale,
-                   chunk_size=chunk_size)[:, :, 0]
+  return reference.attend_to_dense_inputs(attention, q, inputs, mask,
+                                          scale=scale, chunk_size=chunk_size)
 
 
 def _has_cuda_devices() -> bool:

@@ -61,9 +61,19 @@ def attend_to_inputs(q: jax.Array, inputs: byte_array.ByteArray,
   Returns:
     [B, N, C].
   """
+  return attend_to_dense_inputs(attention, q, inputs, mask, scale=scale,
+                                chunk_size=chunk_size)
+
+
+def attend_to_dense_inputs(attend, q: jax.Array,
+                           inputs: byte_array.ByteArray,
+                           mask: Optional[jax.Array], *, scale: float,
+                           chunk_size: Optional[int] = None) -> jax.Array:
+  """`attend_to_inputs` through a backend's `attend` (the signature of
+  `attention`), on the built [B, M, C] byte array as one head."""
   x = byte_array.dense(inputs)[:, :, None]  # [B, M, 1, C]
-  return attention(q[:, :, None], x, x, mask, scale=scale,
-                   chunk_size=chunk_size)[:, :, 0]
+  return attend(q[:, :, None], x, x, mask, scale=scale,
+                chunk_size=chunk_size)[:, :, 0]
 
 
 def linear(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:

@@ -30,6 +30,7 @@ from perceiver_jax.backends.cpu import matmul
 from perceiver_jax.backends.cpu import native
 from perceiver_jax.ops import byte_array
 from perceiver_jax.ops import chunked
+from perceiver_jax.ops import reference
 
 # Every FFI target of the backend, as it reads in compiled HLO text.
 HLO_CALLS = (matmul.HLO_CALL,) + fused.HLO_CALLS
@@ -71,13 +72,8 @@ def attend_to_inputs(q: jax.Array, inputs: byte_array.ByteArray,
     split = inputs.inputs
     return fused.standardized_attention(
         q * scale, split.features, split.shared, inputs.mean, inputs.inv_std)
-  x = byte_array.dense(inputs)[:, :, None]  # [B, M, 1, C]
-  return attention(q[:, :, None], x, x, mask, scale=scale,
-                   chunk_size=chunk_size)[:, :, 0]
-
-
-def _matmul_flops(eqn) -> int:
-  return matmul.flops(eqn)
+  return reference.attend_to_dense_inputs(attention, q, inputs, mask,
+                                          scale=scale, chunk_size=chunk_size)
 
 
 def _attention_flops(eqn) -> int:
@@ -90,5 +86,5 @@ native.register()  # Raises native.BuildError: `ops` then uses the reference.
 ops.register('cpu', ops.Backend(
     attention=attention, attend_to_inputs=attend_to_inputs,
     linear=gradients.linear, layer_norm=gradients.layer_norm,
-    flop_rules={matmul.TARGET: _matmul_flops,
+    flop_rules={matmul.TARGET: matmul.flops,
                 **{target: _attention_flops for target in fused.TARGETS}}))

@@ -76,6 +76,8 @@ class Backend:
 _registered: dict[str, Backend] = {}
 _load_errors: dict[str, Exception] = {}
 _backend = contextvars.ContextVar('perceiver_jax_ops_backend', default='auto')
+_only_platform = contextvars.ContextVar('perceiver_jax_ops_platform',
+                                        default=None)
 
 
 def register(platform: str, backend: Backend) -> None:
@@ -98,6 +100,26 @@ def use_backend(name: str) -> Iterator[None]:
 def current_backend() -> str:
   """The backend name set by the innermost `use_backend` ('auto' if none)."""
   return _backend.get()
+
+
+@contextlib.contextmanager
+def tracing_for(platform: str) -> Iterator[None]:
+  """Ops traced inside are `platform`'s implementations, called directly.
+
+  For analyses of one platform's program (`perceiver_jax.analysis`): what
+  its backward pass saves, or its FLOPs, without the other platforms'
+  branches of `platform_dependent` in the jaxpr. Programs traced inside are
+  meant for that platform only. `use_backend` still applies: 'reference'
+  traces the reference.
+  """
+  if platform not in ('cpu', 'cuda', 'tpu'):
+    raise ValueError(f'Unknown platform {platform!r}; expected cpu, cuda or '
+                     'tpu.')
+  token = _only_platform.set(platform)
+  try:
+    yield
+  finally:
+    _only_platform.reset(token)
 
 
 def _load(platform: str) -> Optional[Backend]:
@@ -139,6 +161,10 @@ def _dispatch(op: str, *args: Any, **static: Any) -> jax.Array:
   Arrays go through `platform_dependent`; `static` (Python values) is bound
   to every branch.
   """
+  only = _only_platform.get()
+  if only is not None:
+    backend = None if current_backend() == 'reference' else _load(only)
+    return getattr(backend or reference, op)(*args, **static)
   branches = {platform: functools.partial(getattr(backend, op), **static)
               for platform, backend in _platform_backends().items()}
   default = functools.partial(getattr(reference, op), **static)

@@ -21,16 +21,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from perceiver_jax import models
 from perceiver_jax.analysis import flops as flops_lib
+from perceiver_jax.analysis import memory
 from perceiver_jax.backends.cpu import attention as cpu_attention
 from perceiver_jax.backends.cpu import matmul as cpu_matmul
 from perceiver_jax.modules import perceiver
 from perceiver_jax.perf import profiling
-from perceiver_jax.training import losses
-from perceiver_jax.training import optimizers
 from perceiver_jax.training import precision
 
 
@@ -115,7 +112,7 @@ def make_step(experiment_config: ml_collections.ConfigDict, mode: str,
   precision.apply_policy(
       precision.resolve(experiment_config.training.precision,
                         jax.devices()[0].platform), [perceiver.Perceiver])
-  forward = models.make_forward(experiment_config.model)
+  forward, optimizer, train_step = memory.make_train_step(experiment_config)
   shape = experiment_config.data.input_shape
   rng = jax.random.key(0)
 
@@ -137,17 +134,6 @@ def make_step(experiment_config: ml_collections.ConfigDict, mode: str,
   if mode == 'forward':
     fn = jax.jit(lambda p, x: forward.apply(p, None, x, is_training=False))
     return fn, (params, inputs)
-  optimizer, _ = optimizers.make_optimizer(
-      experiment_config.optimizer, steps_per_epoch=1000, total_steps=10**6)
-
-  def train_step(p, opt_state, x, y, key):
-    def loss_fn(p):
-      logits = forward.apply(p, key, x, is_training=True)
-      return jnp.mean(losses.softmax_cross_entropy(logits, y))
-    loss, grads = jax.value_and_grad(loss_fn)(p)
-    updates, opt_state = optimizer.update(grads, opt_state, p)
-    return optax.apply_updates(p, updates), opt_state, loss
-
   return (jax.jit(train_step, donate_argnums=(0, 1)),
           (params, optimizer.init(params), inputs, labels, rng))
 

@@ -1,0 +1,1 @@
+"""Other implementations' checkpoints: reading them into ours and back."""

@@ -1,9 +1,10 @@
 """Programs lowered for one platform hold that platform's ops only.
 
-The training gradient of the paper's ImageNet models is exported with
-`jax.export` for 'cpu', 'cuda' and 'tpu' on this (CPU) host: the CPU
-backend's kernels appear in the CPU program and in no other, and the TPU
-program holds the Pallas flash attention kernel.
+Training gradients are exported with `jax.export` for 'cpu', 'cuda' and
+'tpu' on this (CPU) host: small P1 and P2 ImageNet models for every
+platform (the CPU backend's kernels appear in the CPU program and in no
+other; the TPU program holds the Pallas flash attention kernel), and the
+paper-size P1 model in bfloat16 for the accelerators.
 """
 
 import jax
@@ -50,8 +51,7 @@ def _exported_text(fn, args, platform):
       *args).mlir_module()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('preset', [None, 'p2'])
+@pytest.mark.parametrize('preset', ['debug', 'p2,debug'])
 def test_accelerator_programs_hold_no_cpu_kernel(preset):
   helpers.require_cpu_backend()
   config = test_configs._load(  # pylint: disable=protected-access
@@ -62,6 +62,7 @@ def test_accelerator_programs_hold_no_cpu_kernel(preset):
   assert _CPU_KERNEL in texts['cpu']
   assert _CPU_KERNEL not in texts['cuda']
   assert _CPU_KERNEL not in texts['tpu']
+  assert 'tpu_custom_call' in texts['tpu']
   # The reference backend holds no kernel on any platform.
   grad, args = _training_gradient(config, backend='reference')
   assert _CPU_KERNEL not in _exported_text(grad, args, 'cpu')
@@ -76,11 +77,13 @@ def bfloat16_policy():
 
 
 @pytest.mark.slow
-def test_tpu_program_holds_the_pallas_kernel_in_bfloat16(bfloat16_policy):
+def test_p1_imagenet_accelerator_programs_in_bfloat16(bfloat16_policy):
+  """The paper-size P1 gradient: Pallas on TPU, no CPU kernel anywhere."""
   del bfloat16_policy
   config = test_configs._load(  # pylint: disable=protected-access
       'imagenet.py', None).experiment_kwargs.config
   grad, args = _training_gradient(config)
-  text = _exported_text(grad, args, 'tpu')
-  assert 'tpu_custom_call' in text and 'bf16' in text
-  assert _CPU_KERNEL not in text
+  tpu = _exported_text(grad, args, 'tpu')
+  assert 'tpu_custom_call' in tpu and 'bf16' in tpu
+  assert _CPU_KERNEL not in tpu
+  assert _CPU_KERNEL not in _exported_text(grad, args, 'cuda')

@@ -11,7 +11,9 @@ step no longer fits in memory (or the time budget ends) and times
 --steps steps at each size. Writes one JSON document: per run the batch,
 median step time, examples/s, model TFLOP/s, MFU against the device's
 listed peak (perceiver_jax/training/throughput.py), XLA's memory plan, and
-the best (largest fitting) batch. With --profile_dir, traces three steps of
+the best (largest fitting) batch, and at the first batch the memory
+estimate of perceiver_jax/analysis/memory.py beside XLA's plan (how far off
+the estimate used for platforms a machine does not have is). With --profile_dir, traces three steps of
 the first preset at its best batch with jax.profiler (open it in TensorBoard or Perfetto).
 
 scripts/device_check.sh runs it with the limits the project's device check
@@ -27,6 +29,7 @@ from absl import flags
 import jax
 
 from configs import imagenet
+from perceiver_jax.analysis import memory
 from perceiver_jax.perf import benchmarking
 from perceiver_jax.training import throughput
 
@@ -98,6 +101,15 @@ def main(argv):
       report['configs'][f'{name}_{backend}'] = {
           'runs': runs, 'best': max(fitting, key=lambda r: r['batch'])
           if fitting else None}
+      if (backend == 'auto' and fitting and 'xla_total_bytes' in fitting[0]
+          and time.time() - start < _BUDGET.value):
+        estimate = memory.estimated_memory(exp, fitting[0]['batch'],
+                                           memory.local_platform())
+        report['configs'][f'{name}_{backend}']['memory_estimate'] = {
+            **estimate.as_dict(), 'over_compiled': estimate.total /
+            fitting[0]['xla_total_bytes']}
+        print(json.dumps({name: 'memory_estimate', **report['configs'][
+            f'{name}_{backend}']['memory_estimate']}), flush=True)
   first = _PRESETS.value[0]
   best = report['configs'][f'{first}_auto']['best']
   if _PROFILE_DIR.value and best:

@@ -55,7 +55,14 @@ def jaxline_config(
   """jaxline's base config around our experiment section.
 
   Intervals are in steps, so that all hosts checkpoint at the same step.
+  Adds `training.init_checkpoint` (None) to the experiment section: a
+  project checkpoint (root, series or step directory) whose params and
+  model state start training, with a fresh optimizer at step 0 (see
+  experiments/classification.py).
   """
+  if 'init_checkpoint' not in experiment.training:
+    experiment.training.init_checkpoint = ml_collections.FieldReference(
+        None, field_type=str)
   config = base_config.get_base_config()
   config.experiment_kwargs = ml_collections.ConfigDict(
       dict(config=experiment))

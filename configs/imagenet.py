@@ -19,6 +19,20 @@ Presets (comma-separated after ':'):
   p2          P2 Tab. 5 config A: 1 cross-attend, 8 x 6 shared blocks, one
               1024-wide learned query decoder (48.4M params, 79.0%); LAMB 2e-3
               constant 55 epochs then cosine over 55; MixUp 0.2 + CutMix.
+  p2,prep=conv
+              P2 Tab. 5 / the released conv-preprocessing model: Conv 7x7
+              stride 2 without bias, BatchNorm (decay 0.9, eps 1e-5), ReLU,
+              max-pool 3x3 stride 2 -> 56 x 56 x 64, + Fourier features
+              (64 bands, max resolution 56): 322 channels; decoder query
+              residual on. 48,646,522 params (as released), 82.1% expected.
+              BatchNorm keeps moving averages as model state.
+  p2,pos=learned
+              P2 Tab. 5 / the released learned-position model: 1x1 conv to
+              256 channels per pixel, + a learned 50,176 x 256 position
+              encoding (truncated normal, init scale 0.02) projected by a
+              256 -> 256 linear map: 512 channels; decoder query residual
+              off. 62,255,848 params (as released), 72.7% expected; fixed to
+              224 x 224 inputs.
   bench_a     benchmark: 64x64 images (M = 4,096, 133 channels: 32 bands,
               max resolution 64), 1 cross-attend, 128 x 256 latents, 6 blocks,
               widening 4, batch 16.
@@ -27,6 +41,16 @@ Presets (comma-separated after ':'):
               inputs (same results; bounds the reference ops' memory).
   debug       16x16 images, a tiny model and a few steps (tests).
   seed=N      initialisation / data-order seed.
+
+Fine-tuning: training.init_checkpoint=DIR starts training from the params
+(and model state) of a project checkpoint, e.g. one scripts/import_checkpoint.py
+wrote from a released file, with a fresh optimizer at step 0:
+
+  python scripts/train.py --config=configs/imagenet.py:p2,prep=conv \
+      --config.experiment_kwargs.config.training.init_checkpoint=DIR ...
+
+Fourier-feature models take any resolution (data.image_size, input_shape);
+the learned-position model only 224 x 224.
 
 Deviations: weight decay, clipping and label smoothing are not stated in P1;
 the values above are those of the released Perceiver IO code (P2). P1's
@@ -67,7 +91,7 @@ def image_model(*, image_size: int, num_freq_bands: int = 64,
   decoders = {
       'average': dict(type='average', num_classes=NUM_CLASSES),
       'query': dict(type='query', num_classes=NUM_CLASSES,
-                    query_channels=1024),
+                    query_channels=1024, use_query_residual=True),
   }
   return ml_collections.ConfigDict(dict(
       preprocessor=preprocessor,
@@ -83,6 +107,34 @@ def image_model(*, image_size: int, num_freq_bands: int = 64,
       decoder=decoders[decoder],
       backend='auto',
   ))
+
+
+def released_preprocessor(prep: str, pos: str,
+                          permutation_seed: Optional[int] = None
+                          ) -> ml_collections.ConfigDict:
+  """The preprocessor of a released Perceiver IO ImageNet model (p2 presets).
+
+  Sizes from deepmind-research perceiver/colabs/imagenet_classification.ipynb
+  (conv_maxpool_configs, learned_pos_configs).
+
+  Args:
+    prep: 'pixels' or 'conv'.
+    pos: 'fourier' or 'learned' (with prep='pixels' only).
+    permutation_seed: see perceiver_jax/models.py.
+  """
+  if prep == 'conv':
+    section = dict(prep_type='conv', conv_channels=64, conv_norm='batch_norm',
+                   position_encoding_type='fourier', num_freq_bands=64,
+                   max_resolution=(56, 56))
+  elif pos == 'learned':
+    section = dict(prep_type='conv1x1', conv_channels=256,
+                   position_encoding_type='learned', learned_pos_channels=256,
+                   learned_pos_init_scale=0.02, project_pos_dim=256)
+  else:
+    section = dict(prep_type='pixels', position_encoding_type='fourier',
+                   num_freq_bands=64, max_resolution=(224, 224))
+  return ml_collections.ConfigDict(dict(
+      type='image', permutation_seed=permutation_seed, **section))
 
 
 def imagenet_data(image_size: int = 224) -> ml_collections.ConfigDict:
@@ -109,8 +161,19 @@ def imagenet_data(image_size: int = 224) -> ml_collections.ConfigDict:
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   options = common.parse_arg(arg, one_cross=False, unshared=False, p2=False,
-                             bench_a=False, bench_b=False, debug=False,
-                             seed=0)
+                             prep='pixels', pos='fourier', bench_a=False,
+                             bench_b=False, debug=False, seed=0)
+  if options.prep not in ('pixels', 'conv'):
+    raise ValueError(f"prep must be 'pixels' or 'conv', got {options.prep!r}.")
+  if options.pos not in ('fourier', 'learned'):
+    raise ValueError(
+        f"pos must be 'fourier' or 'learned', got {options.pos!r}.")
+  released = (options.prep, options.pos)
+  if released != ('pixels', 'fourier') and not options.p2:
+    raise ValueError('prep=/pos= select the released Perceiver IO models: '
+                     f'use them with p2 (got {arg!r}).')
+  if released == ('conv', 'learned'):
+    raise ValueError('No released model has prep=conv with pos=learned.')
   return build_config(options, name='imagenet')
 
 
@@ -136,6 +199,10 @@ def build_config(options: ml_collections.ConfigDict, *, name: str,
     num_epochs = 110
     model = image_model(image_size=224, num_cross_attends=1,
                         decoder='query', permutation_seed=permutation_seed)
+    prep, pos = options.get('prep', 'pixels'), options.get('pos', 'fourier')
+    model.preprocessor = released_preprocessor(prep, pos, permutation_seed)
+    # The released learned-position model has no decoder query residual.
+    model.decoder.use_query_residual = pos != 'learned'
     optimizer = common.optimizer(
         name='lamb', base_lr=2e-3, weight_decay=0.1, clip_grad_norm=10.0,
         schedule='constant_cosine', constant_fraction=0.5)
@@ -167,9 +234,17 @@ def build_config(options: ml_collections.ConfigDict, *, name: str,
                    num_self_attends_per_block=1,
                    num_cross_attends=min(encoder.num_cross_attends, 2),
                    num_blocks=2)
-    model.preprocessor.update(num_freq_bands=4, max_resolution=(16, 16))
-    if position_encoding_type == 'learned':
-      model.preprocessor.learned_pos_channels = 8
+    pre = model.preprocessor
+    if pre.position_encoding_type == 'fourier':
+      # The conv's 4x downsample: 16x16 images -> a 4x4 grid.
+      size = 4 if pre.prep_type == 'conv' else 16
+      pre.update(num_freq_bands=4, max_resolution=(size, size))
+    else:
+      pre.learned_pos_channels = 8
+    if pre.prep_type in ('conv', 'conv1x1'):
+      pre.conv_channels = 8
+    if pre.get('project_pos_dim'):
+      pre.project_pos_dim = 8
     if model.decoder.type == 'query':
       model.decoder.query_channels = 16
     data.update(input_shape=(16, 16, 3), image_size=16, randaugment_layers=1)

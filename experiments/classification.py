@@ -8,6 +8,23 @@ of every host (one pmap axis spans all hosts). Evaluation runs on every
 device and counts every example exactly once: loaders pad the last batch and
 mark the padding in batch['mask'].
 
+Model state (BatchNorm's moving averages, `models.has_state`) is carried
+through the pmapped step beside the parameters. BatchNorm normalises with each
+device's own batch statistics, as the released Perceiver IO code does (no
+cross-device statistics); after each step the floating-point state is
+averaged over all devices (pmean), so every device holds the same state and
+the checkpoint (taken from the first local device) stands for all of them.
+Such a model's checkpoints hold 'state' beside 'params' and 'opt_state';
+stateless models' checkpoints are as before.
+
+`training.init_checkpoint` (a checkpoint root, series or step directory of
+this project, e.g. written by scripts/import_checkpoint.py) initialises the
+params and model state of a new run; the optimizer state and step start
+afresh. Names and shapes must match the config's model (else a ValueError
+lists the differences): a Fourier-feature model takes any input resolution,
+a learned position encoding only the one it was trained at. A run that
+resumes from its own checkpoint ignores init_checkpoint.
+
 The config (experiment_kwargs.config) has sections data / model / optimizer /
 training / evaluation; see configs/digits.py for a documented example.
 """
@@ -27,6 +44,7 @@ from perceiver_jax import data as data_lib
 from perceiver_jax import models
 from perceiver_jax.analysis import flops
 from perceiver_jax.modules import perceiver
+from perceiver_jax.training import checkpointing
 from perceiver_jax.training import jaxline_compat
 from perceiver_jax.training import logs
 from perceiver_jax.training import losses
@@ -51,7 +69,9 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
   """Trains and evaluates a Perceiver classifier (softmax cross-entropy)."""
 
   # Attributes saved in checkpoints (taken from the first local device).
+  # An instance whose model has state also saves STATE_CHECKPOINT_ATTRS.
   CHECKPOINT_ATTRS = {'_params': 'params', '_opt_state': 'opt_state'}
+  STATE_CHECKPOINT_ATTRS = {'_state': 'state'}
 
   def __init__(self, mode: str, init_rng: jax.Array,
                config: ml_collections.ConfigDict):
@@ -63,10 +83,20 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     self.compute_dtype = precision.resolve(
         config.training.precision, jax.local_devices()[0].platform)
     precision.apply_policy(self.compute_dtype, [perceiver.Perceiver])
-    self.forward = models.make_forward(config.model)
+    self.model_has_state = models.has_state(config.model)
+    self.forward_with_state = models.make_forward_with_state(config.model)
+    # The plain transform, for subclasses' code that calls it (multilabel's
+    # evaluation); None for a model with state.
+    self.forward = (None if self.model_has_state
+                    else models.make_forward(config.model))
+    if self.model_has_state:
+      self.CHECKPOINT_ATTRS = {**type(self).CHECKPOINT_ATTRS,
+                               **self.STATE_CHECKPOINT_ATTRS}
     self._data = data_lib.get_module(config.data.name)
 
     self._params = None
+    # Model state, replicated as the params; {} for a stateless model.
+    self._state = None if self.model_has_state else {}
     self._opt_state = None
     self._train_input: Optional[Iterator[Mapping[str, Any]]] = None
     self._stop_votes = 0
@@ -83,7 +113,7 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
         config.optimizer, steps_per_epoch=steps_per_epoch,
         total_steps=config.training.total_steps)
     self._update_pmap = jax.pmap(self._update_fn, axis_name=_AXIS,
-                                 donate_argnums=(0, 1))
+                                 donate_argnums=(0, 1, 2))
     self._eval_pmap = jax.pmap(self._eval_fn, axis_name=_AXIS)
 
   # Training.
@@ -101,10 +131,12 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     if self._flops_per_device_step is None:
       # Traced, not run: the pmapped step's body is one device's work.
       self._flops_per_device_step = flops.count_flops(
-          self._update_pmap, self._params, self._opt_state, global_step, rng,
-          batch, stop, platform=jax.local_devices()[0].platform)
-    self._params, self._opt_state, scalars = self._update_pmap(
-        self._params, self._opt_state, global_step, rng, batch, stop)
+          self._update_pmap, self._params, self._state, self._opt_state,
+          global_step, rng, batch, stop,
+          platform=jax.local_devices()[0].platform)
+    self._params, self._state, self._opt_state, scalars = self._update_pmap(
+        self._params, self._state, self._opt_state, global_step, rng, batch,
+        stop)
     scalars = jax.device_get(jaxline.utils.get_first(scalars))
     step = int(jaxline.utils.get_first(global_step))
     self._stop_votes = int(scalars.pop('stop_votes'))
@@ -168,14 +200,45 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     return first
 
   def _initialize_params(self, batch: Mapping[str, Any]) -> None:
-    """Creates params and optimizer state, identical on every host."""
+    """Creates params, model state and optimizer state, identical on every
+    host; params and model state from training.init_checkpoint if set."""
     inputs = jax.tree.map(lambda x: x[0], batch['inputs'])  # One device.
     # Jitted: one compilation instead of many small eager ops.
-    params = jax.jit(functools.partial(self.forward.init, is_training=True))(
-        self._init_rng, inputs)
+    params, state = jax.jit(functools.partial(
+        self.forward_with_state.init, is_training=True))(
+            self._init_rng, inputs)
+    init_checkpoint = self.config.training.get('init_checkpoint')
+    if init_checkpoint:
+      params, state = self._read_init_checkpoint(init_checkpoint, params,
+                                                 state)
     opt_state = jax.jit(self._optimizer.init)(params)
     self._params = parallel.replicate(params)
+    self._state = parallel.replicate(state)
     self._opt_state = parallel.replicate(opt_state)
+
+  def _read_init_checkpoint(self, path: str, params: hk.Params,
+                            state: hk.State) -> tuple[hk.Params, hk.State]:
+    """The params and model state of checkpoint `path`, checked against
+    (and cast to the dtypes of) the freshly initialised `params`, `state`."""
+    snapshot = checkpointing.restore_checkpoint(path)['experiment_module']
+    loaded_state = snapshot.get('state') or {}
+    problems = (_differences('params', params, snapshot.get('params') or {}) +
+                _differences('state', state, loaded_state))
+    if problems:
+      hint = ''
+      if any('another shape: preprocessor/position_encoding/' in line
+             for line in problems):
+        hint = ('\nA learned position encoding has one embedding per input '
+                'position: fine-tune at the resolution it was trained at '
+                '(Fourier features take any resolution).')
+      raise ValueError(
+          f'training.init_checkpoint={path!r} does not match the config\'s '
+          f'model:\n' + '\n'.join(problems) + hint)
+    cast = lambda want, got: np.asarray(got, want.dtype)
+    _LOG.info('Initialised params%s from %s.',
+              ' and model state' if state else '', path)
+    return (jax.tree.map(cast, params, snapshot['params']),
+            jax.tree.map(cast, state, loaded_state))
 
   def _build_input(self, is_training: bool, start_step: int = 0
                    ) -> Iterator[Mapping[str, Any]]:
@@ -195,20 +258,27 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     return losses.softmax_cross_entropy(
         logits, labels, label_smoothing=self.config.training.label_smoothing)
 
-  def _update_fn(self, params: hk.Params, opt_state: optax.OptState,
-                 global_step: jax.Array, rng: jax.Array,
-                 batch: Mapping[str, Any], stop: jax.Array):
+  def _update_fn(self, params: hk.Params, state: hk.State,
+                 opt_state: optax.OptState, global_step: jax.Array,
+                 rng: jax.Array, batch: Mapping[str, Any], stop: jax.Array):
     """Runs on each device: gradients of the mean loss over all devices."""
     mask = batch['mask']
     count = jax.lax.psum(jnp.sum(mask), _AXIS)
 
     def loss_fn(p):
-      logits = self.forward.apply(p, rng, batch['inputs'], is_training=True)
+      logits, new_state = self.forward_with_state.apply(
+          p, state, rng, batch['inputs'], is_training=True)
       per_example = self.loss(logits, batch)
       # Local sum over the global count: psum of these is the global mean.
-      return jnp.sum(per_example * mask) / count, logits
+      return jnp.sum(per_example * mask) / count, (logits, new_state)
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, (logits, state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(params)
+    # Moving averages of per-device statistics, made equal on every device
+    # (integer counters already are).
+    state = jax.tree.map(
+        lambda x: (jax.lax.pmean(x, _AXIS)
+                   if jnp.issubdtype(x.dtype, jnp.floating) else x), state)
     grads = jax.lax.psum(grads, _AXIS)
     updates, opt_state = self._optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
@@ -219,7 +289,7 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
         'stop_votes': jax.lax.psum(stop, _AXIS),
     }
     scalars.update(self._train_metrics(logits, batch, mask, count))
-    return params, opt_state, scalars
+    return params, state, opt_state, scalars
 
   def _train_metrics(self, logits, batch, mask, count):
     top1 = metrics.topk_correct(logits, batch['label'], 1)
@@ -238,7 +308,7 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     totals = None
     for batch in self._build_input(is_training=False):
       sums = jax.device_get(jaxline.utils.get_first(
-          self._eval_pmap(self._params, batch)))
+          self._eval_pmap(self._params, batch, self._state)))
       totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
     if totals is None:
       raise ValueError(f'Eval split {self.config.data.eval_split!r} is empty.')
@@ -247,10 +317,11 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
         global_step)), {k: round(float(v), 4) for k, v in results.items()})
     return results
 
-  def _eval_fn(self, params: hk.Params, batch: Mapping[str, Any]):
+  def _eval_fn(self, params: hk.Params, batch: Mapping[str, Any],
+               state: hk.State):
     """Sums over this batch on all devices (psum): counts, correct, loss."""
-    logits = self.forward.apply(params, None, batch['inputs'],
-                                is_training=False)
+    logits, _ = self.forward_with_state.apply(
+        params, state, None, batch['inputs'], is_training=False)
     mask = batch['mask']
     labels = batch['label']
     sums = {
@@ -288,7 +359,17 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
   # Checkpoints (see perceiver_jax/training/checkpointing.py).
 
   def restore_from_snapshot(self, snapshot_state: Mapping[str, Any]) -> None:
-    """Puts checkpointed arrays back, replicated over the local devices."""
+    """Puts checkpointed arrays back, replicated over the local devices.
+
+    Raises:
+      ValueError: if the model has state and the checkpoint holds none.
+    """
+    if self.model_has_state and snapshot_state.get('state') is None:
+      held = sorted(k for k, v in snapshot_state.items() if v is not None)
+      raise ValueError(
+          "This model has state (BatchNorm's moving averages) but the "
+          f'checkpoint has none (only {held}): it was written for a '
+          'stateless model, or by a tool that drops the state.')
     for attr_name, chk_name in self.CHECKPOINT_ATTRS.items():
       value = snapshot_state[chk_name]
       template = getattr(self, attr_name)
@@ -299,3 +380,24 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
         value = tree_io.restore_structure(
             self._optimizer.init(snapshot_state['params']), value)
       setattr(self, attr_name, parallel.replicate(value))
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {jax.tree_util.keystr(path, simple=True, separator='/'):
+          tuple(np.shape(x))
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _differences(what: str, want: Any, got: Any) -> list[str]:
+  """Lines naming entries of `want` missing from `got`, extra, or of
+  other shapes ('name: checkpoint [...] vs model [...]')."""
+  want, got = _flat_shapes(want), _flat_shapes(got)
+  lines = [f'{what} missing from the checkpoint: {name} {list(want[name])}'
+           for name in sorted(set(want) - set(got))]
+  lines += [f'{what} in the checkpoint but not in the model: {name} '
+            f'{list(got[name])}' for name in sorted(set(got) - set(want))]
+  lines += [f'{what} of another shape: {name}: checkpoint '
+            f'{list(got[name])} vs model {list(want[name])}'
+            for name in sorted(set(want) & set(got))
+            if want[name] != got[name]]
+  return lines

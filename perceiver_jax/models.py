@@ -20,6 +20,11 @@ ImageNet (P1 Sec. 4.2, Tab. 2). Its `input_key` (optional) picks one entry
 of dict-valued inputs (e.g. 'audio' of an AudioSet batch). The model's own
 preprocessor keeps Fourier position features apart from the per-example
 channels where it can (`byte_array`): same outputs, less memory.
+
+State: a model with BatchNorm (an image preprocessor with prep_type='conv'
+and conv_norm='batch_norm', the released conv model) keeps its moving
+averages as Haiku state (`has_state`). `make_forward_with_state` builds any
+model; `make_forward` builds stateless ones and refuses the others.
 """
 
 from typing import Any, Callable, Mapping, Optional
@@ -146,8 +151,20 @@ def _check_no_removed_fields(config: ml_collections.ConfigDict) -> None:
           f'{ops.BACKENDS}).')
 
 
-def make_forward(config: ml_collections.ConfigDict) -> hk.Transformed:
-  """hk.transform of `inputs, is_training -> logits` for a model section."""
+def has_state(config: ml_collections.ConfigDict) -> bool:
+  """Whether the model of a model section has Haiku state (BatchNorm)."""
+
+  def stateful(section):
+    if section.type == 'multimodal':
+      return any(stateful(sub) for sub in section.modalities.values())
+    return section.get('conv_norm', 'none') == 'batch_norm'
+
+  return stateful(config.preprocessor)
+
+
+def _forward_fn(config: ml_collections.ConfigDict
+                ) -> Callable[[Any, bool], jax.Array]:
+  """`inputs, is_training -> logits`, to be transformed by Haiku."""
   _check_no_removed_fields(config)
   backend = config.get('backend', 'auto')
   if backend not in ops.BACKENDS:
@@ -160,4 +177,31 @@ def make_forward(config: ml_collections.ConfigDict) -> hk.Transformed:
     with ops.use_backend(backend):
       return build_model(config)(inputs, is_training=is_training)
 
-  return hk.transform(forward)
+  return forward
+
+
+def make_forward(config: ml_collections.ConfigDict) -> hk.Transformed:
+  """hk.transform of `inputs, is_training -> logits` for a model section.
+
+  Raises:
+    ValueError: for a model with state (`has_state`); use
+      `make_forward_with_state`.
+  """
+  if has_state(config):
+    raise ValueError(
+        'This model has Haiku state (BatchNorm moving averages: '
+        "preprocessor.conv_norm='batch_norm'); build it with "
+        'models.make_forward_with_state(config), whose init returns '
+        '(params, state) and apply takes and returns the state.')
+  return hk.transform(_forward_fn(config))
+
+
+def make_forward_with_state(config: ml_collections.ConfigDict
+                            ) -> hk.TransformedWithState:
+  """hk.transform_with_state of `inputs, is_training -> logits`.
+
+  Works for every model: `init` returns (params, state), `apply(params,
+  state, rng, inputs, is_training=...)` returns (logits, new state). The
+  state is {} for a stateless model; the params equal make_forward's.
+  """
+  return hk.transform_with_state(_forward_fn(config))

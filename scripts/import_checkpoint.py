@@ -38,6 +38,7 @@ from perceiver_jax.training import jaxline_compat
 
 jaxline_compat.install()
 import experiments
+from perceiver_jax import models
 from perceiver_jax.interop import deepmind
 from perceiver_jax.training import checkpointing
 from perceiver_jax.training import optimizers
@@ -102,7 +103,7 @@ def import_checkpoint(config: ml_collections.ConfigDict, input_path: str,
     raise FileExistsError(
         f'{output_dir} already holds checkpoints ({series}: steps '
         f'{tree_io.complete_steps(series)}); choose a new directory.')
-  params, _ = deepmind.load_checkpoint(
+  params, model_state = deepmind.load_checkpoint(
       input_path, exp.model, input_shape=exp.data.input_shape,
       allow_unsafe_pickle=allow_unsafe_pickle)
   # The optimizer's state has the same structure for any schedule length;
@@ -114,8 +115,10 @@ def import_checkpoint(config: ml_collections.ConfigDict, input_path: str,
       total_steps=exp.training.total_steps)
   state = ml_collections.ConfigDict()
   state.global_step = 0
-  state.experiment_module = _Snapshot(
-      {'params': params, 'opt_state': optimizer.init(params)})
+  snapshot = {'params': params, 'opt_state': optimizer.init(params)}
+  if models.has_state(exp.model):  # BatchNorm statistics (prep=conv).
+    snapshot['state'] = model_state
+  state.experiment_module = _Snapshot(snapshot)
   step_dir = series / '0'
   writer = tree_io.orbax_checkpointer(all_processes=False)
   try:

@@ -12,8 +12,9 @@ from tests import helpers
 
 PRESETS = {
     'digits.py': [None, 'permuted', 'debug', 'permuted,debug,seed=3'],
-    'imagenet.py': [None, 'one_cross', 'unshared', 'p2', 'bench_a',
-                    'bench_b', 'debug'],
+    'imagenet.py': [None, 'one_cross', 'unshared', 'p2', 'p2,prep=conv',
+                    'p2,pos=learned', 'p2,prep=conv,debug',
+                    'p2,pos=learned,debug', 'bench_a', 'bench_b', 'debug'],
     'imagenet_permuted.py': [None, 'pos=fourier', 'pos=learned',
                              'pos=learned,debug'],
     'audioset.py': [None, 'modality=audio', 'modality=video',
@@ -54,6 +55,25 @@ def test_config_loads_locked(name, arg):
 def test_unknown_preset_is_an_error(name):
   with pytest.raises(ValueError, match='Unknown config option'):
     _load(name, 'no_such_preset')
+
+
+@pytest.mark.parametrize('arg, match', [
+    ('prep=conv', 'use them with p2'),
+    ('pos=learned', 'use them with p2'),
+    ('p2,prep=conv,pos=learned', 'No released model'),
+    ('p2,prep=patches', "prep must be 'pixels' or 'conv'"),
+    ('p2,pos=sine', "pos must be 'fourier' or 'learned'"),
+])
+def test_imagenet_released_variants_are_checked(arg, match):
+  with pytest.raises(ValueError, match=match):
+    _load('imagenet.py', arg)
+
+
+@pytest.mark.parametrize('name', sorted(PRESETS))
+def test_every_config_has_init_checkpoint(name):
+  training = _load(name, None).experiment_kwargs.config.training
+  assert training.init_checkpoint is None
+  training.init_checkpoint = '/some/checkpoint'  # A str field.
 
 
 def test_overrides_follow_references():

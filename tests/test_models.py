@@ -31,6 +31,44 @@ def test_paper_model_sizes(name, arg):
     assert abs(summary['paper_forward_flops'] / 1e9 / gflops - 1) < 0.02
 
 
+# The released Perceiver IO ImageNet models' exact sizes (deepmind-research
+# checkpoints; see perceiver_jax/interop/deepmind.py).
+RELEASED = {'p2': 48_440_627, 'p2,prep=conv': 48_646_522,
+            'p2,pos=learned': 62_255_848}
+
+
+@pytest.mark.parametrize('arg', sorted(RELEASED))
+def test_released_model_sizes_exactly(arg):
+  from perceiver_jax import models  # pylint: disable=g-import-not-at-top
+  model = test_configs._load('imagenet.py', arg).experiment_kwargs.config.model  # pylint: disable=protected-access
+  forward = models.make_forward_with_state(model)
+  params, state = jax.eval_shape(
+      lambda x: forward.init(jax.random.key(0), x, is_training=True),
+      jax.ShapeDtypeStruct((1, 224, 224, 3), jax.numpy.float32))
+  assert sum(x.size for x in jax.tree.leaves(params)) == RELEASED[arg]
+  # Only the conv model has state: BatchNorm's mean and variance EMAs.
+  assert models.has_state(model) == (arg == 'p2,prep=conv')
+  assert sorted(state) == ([
+      'preprocessor/batchnorm/~/mean_ema', 'preprocessor/batchnorm/~/var_ema']
+                           if arg == 'p2,prep=conv' else [])
+
+
+def test_make_forward_refuses_a_model_with_state():
+  from perceiver_jax import models  # pylint: disable=g-import-not-at-top
+  config = test_configs._load('imagenet.py', 'p2,prep=conv,debug')  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match='make_forward_with_state'):
+    models.make_forward(config.experiment_kwargs.config.model)
+  # A stateless model: the same params either way, and no state.
+  model = test_configs._load('imagenet.py', 'p2,debug').experiment_kwargs.config.model  # pylint: disable=protected-access
+  images = jax.numpy.zeros((1, 16, 16, 3))
+  params = models.make_forward(model).init(jax.random.key(0), images,
+                                           is_training=True)
+  params2, state = models.make_forward_with_state(model).init(
+      jax.random.key(0), images, is_training=True)
+  assert state == {}
+  jax.tree.map(np.testing.assert_array_equal, params, params2)
+
+
 def test_reformulated_cross_attention_cuts_p1_imagenet_flops():
   """The default ('auto') formulation: same parameters, >= 12% fewer FLOPs."""
   summary = summary_lib.summarize(

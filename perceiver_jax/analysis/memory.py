@@ -44,6 +44,7 @@ import optax
 
 from perceiver_jax import models
 from perceiver_jax import ops
+from perceiver_jax.analysis import summary
 from perceiver_jax.modules import perceiver
 from perceiver_jax.training import losses
 from perceiver_jax.training import optimizers
@@ -99,7 +100,7 @@ def make_train_step(experiment_config: ml_collections.ConfigDict
   loss): softmax cross-entropy, gradient, optimizer update. The dtype
   policy in force when it is traced applies (see `precision_policy`).
   """
-  forward = models.make_forward(experiment_config.model)
+  forward = summary.make_forward(experiment_config.model)
   optimizer, _ = optimizers.make_optimizer(
       experiment_config.optimizer, steps_per_epoch=1000, total_steps=10**6)
 
@@ -283,7 +284,7 @@ def _recomputed_bytes(experiment_config, params, inputs, labels,
   config = experiment_config.copy_and_resolve_references()
   with config.unlocked():
     config.model.encoder.remat = False
-  forward = models.make_forward(config.model)
+  forward = summary.make_forward(config.model)
   kept = _activation_bytes(forward, params, inputs, labels, platform)
   encoder = config.model.encoder
   cross_attends = encoder.get('num_cross_attends', 8)

@@ -15,6 +15,34 @@ from perceiver_jax.analysis import flops
 from perceiver_jax import models
 
 
+def make_forward(model_config) -> hk.Transformed:
+  """`models.make_forward`, also for models with state (BatchNorm).
+
+  A stateful model's state is zeros of its shapes, made inside `apply`: for
+  counting parameters, FLOPs and memory, not for training.
+  """
+  if not models.has_state(model_config):
+    return models.make_forward(model_config)
+  forward = models.make_forward_with_state(model_config)
+
+  def init(rng, inputs, is_training):
+    del is_training  # BatchNorm creates its averages in training mode only.
+    return forward.init(rng, inputs, is_training=True)[0]
+
+  def apply(params, rng, inputs, is_training):
+    # Zeros of the state's shapes (eval_shape: nothing of init is traced
+    # into the program); initialised as in training, where BatchNorm
+    # creates its averages.
+    shapes = jax.eval_shape(
+        lambda x: forward.init(jax.random.key(0), x, is_training=True)[1],
+        inputs)
+    state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return forward.apply(params, state, rng, inputs,
+                         is_training=is_training)[0]
+
+  return hk.Transformed(init, apply)
+
+
 def input_spec(data_config, batch_size: int = 1) -> Any:
   """ShapeDtypeStructs [batch_size, *data.input_shape] (a dict if nested)."""
   shape = data_config.input_shape
@@ -38,7 +66,7 @@ def paper_formulation(model_config):
 
 def forward_flops(model_config, inputs) -> int:
   """Matmul FLOPs of one forward pass on `inputs` (ShapeDtypeStructs)."""
-  forward = models.make_forward(model_config)
+  forward = make_forward(model_config)
   params = jax.eval_shape(
       lambda x: forward.init(jax.random.key(0), x, is_training=False), inputs)
   return flops.count_flops(
@@ -54,18 +82,22 @@ def summarize(experiment_config) -> dict[str, Any]:
   """
   model_config = experiment_config.model
   inputs = input_spec(experiment_config.data)
-  forward = models.make_forward(model_config)
+  forward = make_forward(model_config)
   rng = jax.random.key(0)
   params = jax.eval_shape(
       lambda x: forward.init(rng, x, is_training=False), inputs)
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   run_flops = forward_flops(model_config, inputs)
   paper_flops = forward_flops(paper_formulation(model_config), inputs)
-  preprocess = hk.transform(lambda x: models.build_preprocessor(
-      model_config.preprocessor, name='preprocessor')(x, is_training=False))
-  pre_params = jax.eval_shape(lambda x: preprocess.init(rng, x), inputs)
-  byte_array, _ = jax.eval_shape(
-      lambda p, x: preprocess.apply(p, rng, x), pre_params, inputs)
+  preprocess = hk.transform_with_state(
+      lambda x, is_training: models.build_preprocessor(
+          model_config.preprocessor, name='preprocessor')(
+              x, is_training=is_training))
+  pre_params, pre_state = jax.eval_shape(
+      lambda x: preprocess.init(rng, x, True), inputs)
+  (byte_array, _), _ = jax.eval_shape(
+      lambda p, s, x: preprocess.apply(p, s, rng, x, False), pre_params,
+      pre_state, inputs)
   encoder = model_config.encoder
   return {
       'params': num_params,

@@ -11,23 +11,38 @@ keyed by the Haiku names that deepmind-research `perceiver/perceiver.py` and
 `perceiver/train/experiment.py` and `colabs/imagenet_classification.ipynb`
 (ImagePreprocessor, PerceiverEncoder, ClassificationDecoder, Perceiver).
 
-The Fourier file maps onto `configs/imagenet.py:p2`: 136 arrays, 48,440,627
-parameters, no state. Renaming is all it takes (`NAME_TABLE`): every array
-keeps its shape and layout (both sides use hk.Linear's `w` [in, out] and
-hk.LayerNorm's `scale`, `offset`). The conv and learned-position files have
-preprocessor parameters (and BatchNorm state) that no config of ours builds
-yet; loading them raises `CheckpointMismatch` listing those names.
+Each file maps onto a preset of `configs/imagenet.py`, by renaming alone
+(`NAME_TABLE`, `STATE_TABLE`): every array keeps its shape and layout (both
+sides use hk.Linear's `w` [in, out], hk.Conv2D's `w` [h, w, in, out],
+hk.LayerNorm's and hk.BatchNorm's `scale`, `offset`):
+
+  fourier_position_encoding   p2                136 arrays, 48,440,627
+                                                params, no state
+  conv_preprocessing          p2,prep=conv      139 arrays, 48,646,522
+                                                params; state: BatchNorm's
+                                                moving mean and variance
+  learned_position_encoding   p2,pos=learned    141 arrays, 62,255,848
+                                                params, no state
+
+The conv file's state is that of hk.BatchNorm, whose two
+hk.ExponentialMovingAverage modules (`.../batchnorm/~/mean_ema`, `var_ema`)
+each hold `counter`, `hidden` and `average`; ours are the same modules, so
+the state is renamed like the parameters.
 
 Names cannot check the settings that own no parameters; they must match the
 release, as p2's do: 1 cross-attend head and 8 self-attend heads, the block
 of 6 self-attends applied 8 times with shared weights, the decoder's query
-residual (on in the Fourier release), 64 Fourier bands at max resolution
-224, LayerNorm epsilon 1e-5, and a decoder query as wide as the latents
-(1024; for other widths the two decoders' attention widths differ, which
-shows as mis-shaped names). On a small config of p2's structure with
-random weights (LayerNorms included), our model on the renamed parameters
-gave the logits of DeepMind's code to 1e-6 relative (checked once, outside
-the tests, which do not depend on deepmind-research).
+residual (on in the Fourier and conv releases, off in the learned one), 64
+Fourier bands at max resolution 224 (56 for conv, over its 56 x 56 grid),
+the conv's BatchNorm decay 0.9 and epsilon 1e-5, LayerNorm epsilon 1e-5,
+and a decoder query as wide as the latents (1024; for other widths the two
+decoders' attention widths differ, which shows as mis-shaped names). On a
+small config of p2's structure with random weights (LayerNorms included),
+our model on the renamed parameters gave the logits of DeepMind's code to
+1e-6 relative; likewise the conv variant (`p2,prep=conv,debug`, eval mode
+on trained-into BatchNorm state) and the learned one (`p2,pos=learned,
+debug`), to 3e-7 (checked once, outside the tests, which do not depend on
+deepmind-research).
 
 Safety: unpickling runs whatever code the file names. By default the file is
 read by a restricted unpickler that resolves only the globals a pickle of
@@ -64,10 +79,24 @@ Name = tuple[str, str]  # (module, parameter), as in a Haiku params dict.
 # linear_2, linear_3 = query, key, value, output), then layer_norm (query),
 # layer_norm_1 (inputs), then `mlp` (linear, linear_1) and layer_norm_2;
 # SelfAttention makes layer_norm first, then attention, mlp, layer_norm_1.
+# The image preprocessor's modules: Conv2DDownsample (conv variant) and the
+# 1x1 conv (learned variant) are made in ImagePreprocessor.__init__, the
+# position encoding (and its projector) in its `_build_network_inputs`,
+# which Haiku names `~_build_network_inputs`.
 _LINEAR = {'w': 'w', 'b': 'b'}
 _NORM = {'scale': 'scale', 'offset': 'offset'}
+_EMA = {'counter': 'counter', 'hidden': 'hidden', 'average': 'average'}
+_DM_PRE = 'image_preprocessor'
+_DM_CONV = f'{_DM_PRE}/~/conv2_d_downsample'
+_DM_POS = f'{_DM_PRE}/~_build_network_inputs'
 # pylint: disable=line-too-long
 NAME_TABLE: tuple[tuple[str, str, Mapping[str, str]], ...] = (
+    # Image preprocessor (none for the Fourier variant, which has none).
+    (f'{_DM_CONV}/~/conv', 'preprocessor/conv', {'w': 'w'}),
+    (f'{_DM_CONV}/~/batchnorm', 'preprocessor/batchnorm', _NORM),
+    (f'{_DM_PRE}/~/conv2_d', 'preprocessor/conv1x1', _LINEAR),
+    (f'{_DM_POS}/trainable_position_encoding', 'preprocessor/position_encoding', {'pos_embs': 'pos_embs'}),
+    (f'{_DM_POS}/position_encoding_projector/linear', 'preprocessor/position_projection', _LINEAR),
     # Encoder: the latent array and the single cross-attend.
     ('perceiver_encoder/~/trainable_position_encoding', 'encoder', {'pos_embs': 'latents'}),
     ('perceiver_encoder/~/cross_attention/layer_norm', 'encoder/~/cross_attend_0/~/query_norm', _NORM),
@@ -101,7 +130,14 @@ NAME_TABLE: tuple[tuple[str, str, Mapping[str, str]], ...] = (
     ('classification_decoder/~/basic_decoder/cross_attention/mlp/linear_1', 'decoder/~/query_decoder/~/cross_attend/~/mlp/output', _LINEAR),
     ('classification_decoder/~/basic_decoder/output', 'decoder/~/query_decoder/output', _LINEAR),
 )
+# Haiku state, as NAME_TABLE: the conv variant's BatchNorm moving averages.
+STATE_TABLE: tuple[tuple[str, str, Mapping[str, str]], ...] = (
+    (f'{_DM_CONV}/~/batchnorm/~/mean_ema', 'preprocessor/batchnorm/~/mean_ema', _EMA),
+    (f'{_DM_CONV}/~/batchnorm/~/var_ema', 'preprocessor/batchnorm/~/var_ema', _EMA),
+)
 # pylint: enable=line-too-long
+# The released models' input (the default input_shape).
+RELEASED_INPUT_SHAPE = (224, 224, 3)
 
 # Messages list at most this many names per kind of problem.
 _MAX_LISTED = 30
@@ -121,6 +157,7 @@ class CheckpointMismatch(ValueError):
   Attributes:
     missing: [(DeepMind name, our name, expected shape)] absent from the file.
     extra: [(DeepMind name, shape)] in the file that the model does not have.
+  State entries are listed likewise, their names prefixed with 'state: '.
     mis_shaped: [(DeepMind name, our name, file's dtype and shape, expected
       dtype and shape)], the latter two as strings like 'float32[261, 1024]'.
     unmapped: [(our name, shape)] of the model that no DeepMind parameter
@@ -165,153 +202,212 @@ def _self_attention_suffix(k: int) -> str:
   return '' if k == 0 else f'_{k}'
 
 
+def _expand(rows: Sequence[tuple[str, str, Mapping[str, str]]],
+            num_self_attends: int) -> list[tuple[Name, Name]]:
+  table = []
+  for theirs, ours, names in rows:
+    indices = range(num_self_attends) if '{k}' in ours else (0,)
+    for k in indices:
+      dm_module = theirs.format(s=_self_attention_suffix(k))
+      our_module = ours.format(k=k)
+      for dm_name, our_name in names.items():
+        table.append(((dm_module, dm_name), (our_module, our_name)))
+  return table
+
+
 def name_table(model_config: ml_collections.ConfigDict
                ) -> list[tuple[Name, Name]]:
   """NAME_TABLE expanded for a config: [(DeepMind's name, ours)].
 
   Args:
     model_config: the model section; its encoder.num_self_attends_per_block
-      sets how many self-attends the block has.
+      sets how many self-attends the block has, its preprocessor which
+      preprocessor rows apply.
 
   Returns:
-    (module, param) pairs, DeepMind's first, in NAME_TABLE's order.
+    (module, param) pairs, DeepMind's first, in NAME_TABLE's order: the rows
+    whose names the config's model has.
   """
-  num_self_attends = model_config.encoder.num_self_attends_per_block
-  table = []
-  for theirs, ours, params in NAME_TABLE:
-    indices = range(num_self_attends) if '{k}' in ours else (0,)
-    for k in indices:
-      dm_module = theirs.format(s=_self_attention_suffix(k))
-      our_module = ours.format(k=k)
-      for dm_param, our_param in params.items():
-        table.append(((dm_module, dm_param), (our_module, our_param)))
-  return table
+  return _rows_of(_expand(NAME_TABLE, _num_self_attends(model_config)),
+                  model_shapes(model_config)[0])
+
+
+def state_name_table(model_config: ml_collections.ConfigDict
+                     ) -> list[tuple[Name, Name]]:
+  """STATE_TABLE expanded as `name_table` expands NAME_TABLE."""
+  return _rows_of(_expand(STATE_TABLE, _num_self_attends(model_config)),
+                  model_shapes(model_config)[1])
+
+
+def _num_self_attends(model_config: ml_collections.ConfigDict) -> int:
+  return model_config.encoder.num_self_attends_per_block
+
+
+def _rows_of(table: list[tuple[Name, Name]], ours: Mapping[Name, Any]
+             ) -> list[tuple[Name, Name]]:
+  """The rows of `table` whose names a model (`ours`) has: rows of other
+  variants' preprocessors, or of more self-attends, are dropped."""
+  return [(theirs, our) for theirs, our in table if our in ours]
+
+
+def model_shapes(model_config: ml_collections.ConfigDict,
+                 input_shape: Optional[Sequence[int]] = None
+                 ) -> tuple[dict[Name, jax.ShapeDtypeStruct],
+                            dict[Name, jax.ShapeDtypeStruct]]:
+  """Our model's parameters and state for a config, via jax.eval_shape.
+
+  Args:
+    model_config: the model section.
+    input_shape: one example's shape; default RELEASED_INPUT_SHAPE. Shapes
+      depend on it only for a learned position encoding.
+
+  Returns:
+    ({(module, param): shape and dtype}, the same for the state).
+  """
+  forward = models.make_forward_with_state(model_config)
+  inputs = jax.ShapeDtypeStruct(
+      (1, *(input_shape or RELEASED_INPUT_SHAPE)), jnp.float32)
+  # Training mode: BatchNorm creates its moving averages there.
+  params, state = jax.eval_shape(
+      lambda x: forward.init(jax.random.key(0), x, is_training=True), inputs)
+  return _flat_arrays(params), _flat_arrays(state)
 
 
 def parameter_shapes(model_config: ml_collections.ConfigDict,
                      input_shape: Optional[Sequence[int]] = None
                      ) -> dict[Name, jax.ShapeDtypeStruct]:
-  """Our model's parameters for a config, traced with jax.eval_shape.
-
-  Args:
-    model_config: the model section.
-    input_shape: one example's shape, e.g. (224, 224, 3); default
-      (*preprocessor.max_resolution, 3). Shapes of a Fourier-encoded pixel
-      model do not depend on it.
-
-  Returns:
-    {(module, param): shape and dtype}.
-  """
-  if input_shape is None:
-    input_shape = (*model_config.preprocessor.max_resolution, 3)
-  forward = models.make_forward(model_config)
-  inputs = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-  params = jax.eval_shape(
-      lambda x: forward.init(jax.random.key(0), x, is_training=False), inputs)
-  return {(module, name): value for module, values in params.items()
-          for name, value in values.items()}
+  """The parameters of `model_shapes`."""
+  return model_shapes(model_config, input_shape)[0]
 
 
 # Renaming.
 
 
+def _rename(released: Mapping[Name, Any],
+            expected: Mapping[Name, jax.ShapeDtypeStruct],
+            table: Sequence[tuple[Name, Name]], prefix: str):
+  """Renames `released` by `table` to the `expected` names and dtypes.
+
+  Returns:
+    ({module: {name: np.ndarray}}, missing, extra, mis_shaped, unmapped) as
+    CheckpointMismatch lists them, names prefixed with `prefix`.
+  """
+  # Rows the config does not build: their released names are extra.
+  table = _rows_of(table, expected)
+  mapped = {ours for _, ours in table}
+  known = {theirs for theirs, _ in table}
+  flat = lambda name: prefix + _flat(name)
+  missing, mis_shaped = [], []
+  tree: dict[str, dict[str, np.ndarray]] = {}
+  for theirs, ours in table:
+    want = expected[ours]
+    if theirs not in released:
+      missing.append((flat(theirs), flat(ours), want.shape))
+      continue
+    value = released[theirs]
+    if value.shape != want.shape or not _castable(value.dtype, want.dtype):
+      mis_shaped.append((flat(theirs), flat(ours),
+                         _shape_and_dtype(value), _shape_and_dtype(want)))
+      continue
+    tree.setdefault(ours[0], {})[ours[1]] = np.asarray(value, want.dtype)
+  extra = [(flat(name), value.shape) for name, value in released.items()
+           if name not in known]
+  unmapped = [(flat(name), value.shape) for name, value in expected.items()
+              if name not in mapped]
+  return tree, missing, extra, mis_shaped, unmapped
+
+
 def from_deepmind(checkpoint: Mapping[str, Any],
                   model_config: ml_collections.ConfigDict, *,
                   input_shape: Optional[Sequence[int]] = None
-                  ) -> tuple[hk.Params, dict[str, Any]]:
+                  ) -> tuple[hk.Params, hk.State]:
   """Renames a released checkpoint's arrays to ours.
 
   Args:
     checkpoint: {'params': {module: {name: array}}, 'state': {...}} with
       DeepMind's names, as `read_pystate` returns it.
     model_config: the model section the parameters are for.
-    input_shape: see `parameter_shapes`.
+    input_shape: see `model_shapes`.
 
   Returns:
-    (params, state): params {module: {name: np.ndarray}} with our names for
-    `models.make_forward(model_config)`, cast to its dtypes; state {} (our
-    models have none).
+    (params, state), {module: {name: np.ndarray}} with our names for
+    `models.make_forward_with_state(model_config)` (params alone also for
+    `make_forward` where the model has no state), cast to its dtypes; state
+    is {} for a stateless model.
 
   Raises:
-    CheckpointMismatch: listing missing, extra and mis-shaped names, and
-      parameters of the config's model that the release has no counterpart
-      for; also for a non-empty released state.
+    CheckpointMismatch: listing missing, extra and mis-shaped names (of
+      params and state), and names of the config's model that the release
+      has no counterpart for.
   """
-  expected = parameter_shapes(model_config, input_shape)
-  table = name_table(model_config)
-  released = _flat_arrays(checkpoint['params'])
-  # Rows the config does not build (e.g. fewer self-attends per block):
-  # their released names are extra.
-  table = [(theirs, ours) for theirs, ours in table if ours in expected]
-  mapped = {ours for _, ours in table}
-  known = {theirs for theirs, _ in table}
-  missing, mis_shaped = [], []
-  params: dict[str, dict[str, np.ndarray]] = {}
-  for theirs, ours in table:
-    want = expected[ours]
-    if theirs not in released:
-      missing.append((_flat(theirs), _flat(ours), want.shape))
-      continue
-    value = released[theirs]
-    if value.shape != want.shape or not _castable(value.dtype, want.dtype):
-      mis_shaped.append((_flat(theirs), _flat(ours),
-                         _shape_and_dtype(value), _shape_and_dtype(want)))
-      continue
-    params.setdefault(ours[0], {})[ours[1]] = np.asarray(value, want.dtype)
-  extra = [(_flat(name), value.shape) for name, value in released.items()
-           if name not in known]
-  extra += [(f'state: {_flat(name)}', value.shape) for name, value in
-            _flat_arrays(checkpoint.get('state') or {}).items()]
-  unmapped = [(_flat(name), value.shape) for name, value in expected.items()
-              if name not in mapped]
+  expected_params, expected_state = model_shapes(model_config, input_shape)
+  num_self_attends = _num_self_attends(model_config)
+  params, *problems = _rename(
+      _flat_arrays(checkpoint['params']), expected_params,
+      _expand(NAME_TABLE, num_self_attends), '')
+  state, *state_problems = _rename(
+      _flat_arrays(checkpoint.get('state') or {}), expected_state,
+      _expand(STATE_TABLE, num_self_attends), 'state: ')
+  missing, extra, mis_shaped, unmapped = (
+      a + b for a, b in zip(problems, state_problems))
   if missing or extra or mis_shaped or unmapped:
     raise CheckpointMismatch(
         'The DeepMind checkpoint does not match the config\'s model (another '
         'released variant, or a config other than the release\'s?).',
         missing=missing, extra=extra, mis_shaped=mis_shaped,
         unmapped=unmapped)
-  return params, {}
+  return params, state
 
 
-def to_deepmind(params: hk.Params, model_config: ml_collections.ConfigDict
-                ) -> dict[str, Any]:
+def to_deepmind(params: hk.Params, model_config: ml_collections.ConfigDict,
+                state: Optional[hk.State] = None) -> dict[str, Any]:
   """Our parameters with DeepMind's names (the inverse of from_deepmind).
 
   Args:
-    params: {module: {name: array}} of `models.make_forward(model_config)`.
+    params: {module: {name: array}} of `models.make_forward_with_state(
+      model_config)`.
     model_config: the model section.
+    state: that model's state ({} or None for a stateless model).
 
   Returns:
-    {'params': {module: {name: np.ndarray}}, 'state': {}}, the released
-    files' layout.
+    {'params': {module: {name: np.ndarray}}, 'state': likewise}, the
+    released files' layout.
 
   Raises:
-    CheckpointMismatch: if `params` lacks a name of the table or has one the
-      table does not map.
+    CheckpointMismatch: if `params` or `state` lacks a name of the tables'
+      rows for the model, or has one the tables do not map.
   """
-  table = name_table(model_config)
-  ours = {name: np.asarray(jax.device_get(value))
-          for name, value in _flat_arrays(params).items()}
-  mapped = {our_name for _, our_name in table}
-  released: dict[str, dict[str, np.ndarray]] = {}
-  missing = []
-  for theirs, our_name in table:
-    if our_name not in ours:
-      missing.append((_flat(theirs), _flat(our_name), ()))
-      continue
-    released.setdefault(theirs[0], {})[theirs[1]] = ours[our_name]
-  unmapped = [(_flat(name), value.shape) for name, value in ours.items()
-              if name not in mapped]
+  expected = model_shapes(model_config)  # Names only: any input works.
+  num_self_attends = _num_self_attends(model_config)
+  result = {}
+  missing, unmapped = [], []
+  for part, tree, table, names, prefix in (
+      ('params', params, NAME_TABLE, expected[0], ''),
+      ('state', state or {}, STATE_TABLE, expected[1], 'state: ')):
+    ours = {name: np.asarray(jax.device_get(value))
+            for name, value in _flat_arrays(tree).items()}
+    rows = _rows_of(_expand(table, num_self_attends), names)
+    mapped = {our for _, our in rows}
+    released: dict[str, dict[str, np.ndarray]] = {}
+    for theirs, our in rows:
+      if our not in ours:
+        missing.append((prefix + _flat(theirs), prefix + _flat(our), ()))
+        continue
+      released.setdefault(theirs[0], {})[theirs[1]] = ours[our]
+    unmapped += [(prefix + _flat(name), value.shape)
+                 for name, value in ours.items() if name not in mapped]
+    result[part] = released
   if missing or unmapped:
     raise CheckpointMismatch(
         'These parameters do not have the released model\'s names.',
         missing=missing, unmapped=unmapped)
-  return {'params': released, 'state': {}}
+  return result
 
 
 def _castable(got: np.dtype, want: np.dtype) -> bool:
-  return got == want or (np.issubdtype(got, np.floating) and
-                         np.issubdtype(want, np.floating))
+  return got == want or any(
+      np.issubdtype(got, kind) and np.issubdtype(want, kind)
+      for kind in (np.floating, np.integer))
 
 
 def _shape_and_dtype(x: Any) -> str:
@@ -465,6 +561,9 @@ def load_checkpoint(path: epath.PathLike,
         imagenet.get_config('p2').experiment_kwargs.config.model)
     logits = models.make_forward(model_config).apply(
         params, None, images, is_training=False)
+    # The conv variant has state (BatchNorm's moving averages):
+    logits, _ = models.make_forward_with_state(model_config).apply(
+        params, state, None, images, is_training=False)
 
   Args:
     path: the .pystate file (local or gs://).
@@ -496,16 +595,13 @@ def save_checkpoint(path: epath.PathLike, params: hk.Params,
   Args:
     path: where to write (local or gs://).
     params: parameters of `models.make_forward(model_config)`.
-    state: our model state; must be empty (our models have none).
+    state: its state ({} or None for a stateless model).
     model_config: the model section.
 
   Raises:
     CheckpointMismatch: see to_deepmind.
-    ValueError: for a non-empty state.
   """
-  if state:
-    raise ValueError(f'Our models have no state; got {sorted(state)}.')
-  tree = to_deepmind(params, model_config)
+  tree = to_deepmind(params, model_config, state)
   path = epath.Path(path)
   tmp = path.parent / f'.{path.name}.tmp-{os.getpid()}'
   with tmp.open('wb') as f:

@@ -47,8 +47,13 @@ from perceiver_jax.modules import position_encoding
 Resolution = Union[int, Sequence[int], None]
 Preprocessor = Callable[..., tuple[jax.Array, Optional[jax.Array]]]
 
-PREP_TYPES = ('pixels', 'patches', 'conv')
+PREP_TYPES = ('pixels', 'patches', 'conv', 'conv1x1')
 POSITION_ENCODING_TYPES = ('fourier', 'learned', 'none')
+CONV_NORMS = ('none', 'batch_norm')
+# hk.BatchNorm of the released conv preprocessing (deepmind-research
+# perceiver/io_processors.py Conv2DDownsample's defaults).
+BATCH_NORM_KWARGS = dict(create_scale=True, create_offset=True,
+                         decay_rate=0.9, eps=1e-5)
 
 
 def make_permutation(num_positions: int, seed: int) -> np.ndarray:
@@ -207,17 +212,29 @@ class ImagePreprocessor(hk.Module):
     'pixels'   every pixel is an input: M = H*W, F = input channels.
     'patches'  non-overlapping patch_size x patch_size patches, flattened
                in (y, x, channel) order: M = (H/p)(W/p), F = p*p*channels.
-    'conv'     P2's conv preprocessing without BatchNorm: Conv 7x7 stride 2
-               (SAME) to conv_channels, ReLU, max-pool 3x3 stride 2 (SAME),
-               a 4x spatial downsample: M = ceil(ceil(H/2)/2) * (same for
-               W), F = conv_channels (224x224 -> 56x56 x 64).
+    'conv'     P2's conv preprocessing: Conv 7x7 stride 2 (SAME) to
+               conv_channels, [BatchNorm,] ReLU, max-pool 3x3 stride 2
+               (SAME), a 4x spatial downsample: M = ceil(ceil(H/2)/2) *
+               (same for W), F = conv_channels (224x224 -> 56x56 x 64).
+               conv_norm='none': the conv has a bias, no normalisation;
+               'batch_norm': as released, a conv without bias, then
+               hk.BatchNorm (BATCH_NORM_KWARGS; batch statistics when
+               training, moving averages kept as Haiku state otherwise), so
+               the model needs `models.make_forward_with_state`.
+    'conv1x1'  a 1x1 conv (with bias) to conv_channels per pixel: M = H*W,
+               F = conv_channels (the released learned-position model).
   position_encoding_type:
     'fourier'  2D Fourier features over the grid actually fed (pixels,
                patches or conv outputs), K = num_freq_bands, mu =
                max_resolution (default: that grid's shape): P = 2(2K+1).
     'learned'  a learned [M, learned_pos_channels] array
-               (LearnedPositionEncoding named 'position_encoding').
+               (LearnedPositionEncoding named 'position_encoding'); its M
+               fixes the input resolution.
     'none'     no position features (P = 0).
+  project_pos_dim: if set, the position features pass through a linear map
+  (hk.Linear 'position_projection') to this many channels before they are
+  concatenated (P = project_pos_dim), as the released learned-position
+  model does (its PositionEncodingProjector).
   `split_positions`: Fourier features come back as a SplitByteArray (module
   docstring). Permuted inputs: wrap the module in `PermutedPreprocessor`.
   """
@@ -229,13 +246,16 @@ class ImagePreprocessor(hk.Module):
                max_resolution: Resolution = None,
                learned_pos_channels: int = 128,
                learned_pos_init_scale: float = 1.0,
+               conv_norm: str = 'none',
+               project_pos_dim: Optional[int] = None,
                split_positions: bool = False,
                name: Optional[str] = None):
     """Initialises the module; see the class docstring for the options.
 
     Raises:
-      ValueError: for an unknown prep_type or position_encoding_type,
-        non-positive sizes.
+      ValueError: for an unknown prep_type, position_encoding_type or
+        conv_norm, conv_norm='batch_norm' without prep_type='conv',
+        project_pos_dim without position features, non-positive sizes.
     """
     super().__init__(name=name)
     if prep_type not in PREP_TYPES:
@@ -252,6 +272,17 @@ class ImagePreprocessor(hk.Module):
     if learned_pos_init_scale <= 0:
       raise ValueError('learned_pos_init_scale must be > 0, got '
                        f'{learned_pos_init_scale}.')
+    if conv_norm not in CONV_NORMS:
+      raise ValueError(
+          f'Unknown conv_norm {conv_norm!r}; expected one of {CONV_NORMS}.')
+    if conv_norm != 'none' and prep_type != 'conv':
+      raise ValueError(f'conv_norm={conv_norm!r} needs prep_type=\'conv\', '
+                       f'got prep_type={prep_type!r}.')
+    if project_pos_dim is not None:
+      _check_positive(project_pos_dim=project_pos_dim)
+      if position_encoding_type == 'none':
+        raise ValueError(f'project_pos_dim={project_pos_dim} needs position '
+                         "features; position_encoding_type is 'none'.")
     self._prep_type = prep_type
     self._patch_size = patch_size
     self._conv_channels = conv_channels
@@ -260,6 +291,8 @@ class ImagePreprocessor(hk.Module):
     self._max_resolution = max_resolution
     self._learned_pos_channels = learned_pos_channels
     self._learned_pos_init_scale = learned_pos_init_scale
+    self._conv_norm = conv_norm
+    self._project_pos_dim = project_pos_dim
     self._split_positions = split_positions
 
   def _layout(self, input_shape: Sequence[int]) -> tuple[tuple[int, int],
@@ -274,11 +307,15 @@ class ImagePreprocessor(hk.Module):
       grid = _patch_grid((height, width), (p, p),
                          f'ImagePreprocessor(patch_size={p})')
       return grid, p * p * channels
+    if self._prep_type == 'conv1x1':
+      return (height, width), self._conv_channels
     # conv: two SAME-padded stride-2 ops, each rounding up.
     grid = tuple(math.ceil(math.ceil(s / 2) / 2) for s in (height, width))
     return grid, self._conv_channels
 
   def _num_position_channels(self, grid: tuple[int, int]) -> int:
+    if self._project_pos_dim is not None:
+      return self._project_pos_dim
     if self._position_encoding_type == 'fourier':
       _resolve_resolution(self._max_resolution, grid)  # Validates.
       return position_encoding.num_fourier_channels(2, self._num_freq_bands)
@@ -295,7 +332,6 @@ class ImagePreprocessor(hk.Module):
   def __call__(self, inputs: jax.Array, *,
                is_training: bool) -> tuple[jax.Array, None]:
     """Maps images [B, H, W, F] to ([B, M, C] or its split form, None)."""
-    del is_training  # Deterministic.
     _check_float(inputs, 'ImagePreprocessor')
     grid, _ = self._layout(inputs.shape[1:])
     num_positions = math.prod(grid)
@@ -305,23 +341,39 @@ class ImagePreprocessor(hk.Module):
     elif self._prep_type == 'patches':
       p = self._patch_size
       x = extract_patches(inputs, (p, p))  # [B, H/p, W/p, p*p*F]
+    elif self._prep_type == 'conv1x1':
+      x = hk.Conv2D(self._conv_channels, kernel_shape=1,
+                    name='conv1x1')(inputs)  # [B, H, W, F']
     else:
+      batch_norm = self._conv_norm == 'batch_norm'
       x = hk.Conv2D(self._conv_channels, kernel_shape=7, stride=2,
-                    padding='SAME', name='conv')(inputs)  # [B, H/2, W/2, F']
+                    padding='SAME', with_bias=not batch_norm,
+                    name='conv')(inputs)  # [B, H/2, W/2, F']
+      if batch_norm:
+        x = hk.BatchNorm(name='batchnorm', **BATCH_NORM_KWARGS)(
+            x, is_training=is_training)
       x = jax.nn.relu(x)
       x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
                       padding='SAME')  # [B, H/4, W/4, F']
     x = x.reshape(batch, num_positions, x.shape[-1])  # [B, M, F]
 
     if self._position_encoding_type == 'fourier':
-      x = _concat_grid_fourier(
-          x, grid, self._num_freq_bands,
-          _resolve_resolution(self._max_resolution, grid),
-          self._split_positions)
+      pos = position_encoding.grid_fourier_features(
+          grid, self._num_freq_bands,
+          _resolve_resolution(self._max_resolution, grid))  # [M, P]
     elif self._position_encoding_type == 'learned':
+      # [M, P]: broadcast over the batch by the concatenation below.
       pos = position_encoding.LearnedPositionEncoding(
           num_positions, self._learned_pos_channels,
           init_scale=self._learned_pos_init_scale,
-          name='position_encoding')(batch)  # [B, M, P]
-      x = jnp.concatenate([x, pos.astype(x.dtype)], axis=-1)
-    return x, None
+          name='position_encoding')(1)[0]
+    else:
+      return x, None
+    if self._project_pos_dim is not None:
+      pos = hk.Linear(self._project_pos_dim, name='position_projection')(
+          jnp.asarray(pos, x.dtype))  # [M, P']
+    # Positions follow the data's dtype (e.g. a bfloat16 policy).
+    x = byte_array.SplitByteArray(x, jnp.asarray(pos, x.dtype))
+    if self._split_positions and self._position_encoding_type == 'fourier':
+      return x, None
+    return x.dense(), None  # [B, M, F + P]

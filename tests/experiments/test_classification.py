@@ -61,8 +61,8 @@ def test_pmapped_update_equals_single_device_update(tmp_path):
     local = jax.tree.map(lambda x: x.reshape((n, 16 // n) + x.shape[2:]),
                          batch)
     rep = lambda t: jax.tree.map(lambda x: np.stack([x] * n), t)  # pylint: disable=cell-var-from-loop
-    new_params, _, scalars = update(
-        rep(params), rep(opt_state), np.zeros([n], np.int32),
+    new_params, _, _, scalars = update(
+        rep(params), {}, rep(opt_state), np.zeros([n], np.int32),
         rep(jax.random.PRNGKey(1)), local, np.zeros([n], np.int32))
     results.append((jax.tree.map(lambda x: np.asarray(x[0]), new_params),
                     float(scalars['loss'][0]), float(scalars['grad_norm'][0])))
@@ -123,6 +123,119 @@ def test_batch_size_must_divide_devices(tmp_path):
   with pytest.raises(ValueError, match='training.batch_size=12'):
     classification.ClassificationExperiment(
         'train', jax.random.PRNGKey(0), config.experiment_kwargs.config)
+
+
+def _stateful_config(tmp_path, steps=2):
+  """digits:debug with the released conv + BatchNorm preprocessing."""
+  config = _config(tmp_path, steps=steps)
+  with config.unlocked():
+    config.experiment_kwargs.config.model.preprocessor.update(
+        prep_type='conv', conv_channels=8, conv_norm='batch_norm',
+        max_resolution=(2, 2))  # 8x8 digits -> a 2x2 grid.
+  return config
+
+
+def _fresh_experiment(exp_config):
+  experiment = classification.ClassificationExperiment(
+      'train', jax.random.PRNGKey(0), exp_config)
+  batch = next(iter(experiment._data.load(  # pylint: disable=protected-access
+      exp_config.data, 'train', is_training=True, batch_dims=(8, 2), seed=0)))
+  experiment._initialize_params(batch)  # pylint: disable=protected-access
+  return experiment
+
+
+def test_stateful_model_trains_checkpoints_resumes_and_evaluates(tmp_path):
+  config = _stateful_config(tmp_path, steps=2)
+  exp = classification.ClassificationExperiment(
+      'train', jax.random.PRNGKey(0), config.experiment_kwargs.config)
+  assert exp.forward is None and 'state' in exp.CHECKPOINT_ATTRS.values()
+  # The class attribute (what stateless models save) is unchanged.
+  assert classification.ClassificationExperiment.CHECKPOINT_ATTRS == {
+      '_params': 'params', '_opt_state': 'opt_state'}
+  restored = _train(config)['experiment_module']
+  state = restored['state']
+  assert set(state) == {'preprocessor/batchnorm/~/mean_ema',
+                        'preprocessor/batchnorm/~/var_ema'}
+  assert int(state['preprocessor/batchnorm/~/mean_ema']['counter']) == 2
+  assert np.all(state['preprocessor/batchnorm/~/var_ema']['average'] > 0)
+  # Resuming carries the state on: 2 + 2 steps == 4 straight.
+  straight = _train(_stateful_config(tmp_path / 'straight', steps=4))
+  resumed = _train(_stateful_config(tmp_path, steps=4))
+  assert int(resumed['experiment_module']['state'][
+      'preprocessor/batchnorm/~/mean_ema']['counter']) == 4
+  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6),
+               straight['experiment_module'], resumed['experiment_module'])
+  # Evaluation restores and uses the state.
+  metrics = experiments.evaluate_checkpoint(config, str(tmp_path))
+  assert metrics['step'] == 4 and metrics['num_examples'] == 300
+  # A checkpoint without state cannot stand for a model with state.
+  with pytest.raises(ValueError, match='checkpoint has none'):
+    exp.restore_from_snapshot({k: v for k, v in resumed[
+        'experiment_module'].items() if k != 'state'})
+
+
+def test_pmapped_state_is_the_same_on_every_device(tmp_path):
+  exp_config = _stateful_config(tmp_path).experiment_kwargs.config
+  experiment = _fresh_experiment(exp_config)
+  experiment.step(global_step=np.zeros([8], np.int32),
+                  rng=jax.random.split(jax.random.PRNGKey(1), 8))
+  for x in jax.tree.leaves(experiment._state):  # pylint: disable=protected-access
+    x = np.asarray(x)
+    np.testing.assert_allclose(x, np.broadcast_to(x[:1], x.shape), atol=1e-7)
+
+
+@pytest.mark.parametrize('stateful', [False, True])
+def test_init_checkpoint_gives_params_and_state_with_a_fresh_optimizer(
+    tmp_path, stateful):
+  make = _stateful_config if stateful else _config
+  saved = _train(make(tmp_path / 'first', steps=2))['experiment_module']
+  config = make(tmp_path / 'second', steps=2)
+  exp_config = config.experiment_kwargs.config
+  exp_config.training.init_checkpoint = str(tmp_path / 'first')
+  experiment = _fresh_experiment(exp_config)
+  params = parallel.unreplicate(experiment._params)  # pylint: disable=protected-access
+  jax.tree.map(np.testing.assert_array_equal, params, saved['params'])
+  jax.tree.map(np.testing.assert_array_equal,
+               parallel.unreplicate(experiment._state),  # pylint: disable=protected-access
+               saved.get('state', {}))
+  # The optimizer starts afresh (its state at init for these params), not
+  # where the first run stopped.
+  fresh = experiment._optimizer.init(params)  # pylint: disable=protected-access
+  jax.tree.map(np.testing.assert_array_equal,
+               parallel.unreplicate(experiment._opt_state), fresh)  # pylint: disable=protected-access
+  saved_opt = jax.tree.leaves(saved['opt_state'])
+  assert any(np.any(x != 0) for x in saved_opt)
+  # And it trains from there, from step 0.
+  resumed = _train(config)
+  assert int(resumed['global_step']) == 2
+
+
+def test_init_checkpoint_of_another_model_lists_the_differences(tmp_path):
+  _train(_config(tmp_path / 'first', steps=2))
+  config = _config(tmp_path / 'second')
+  exp_config = config.experiment_kwargs.config
+  exp_config.training.init_checkpoint = str(tmp_path / 'first')
+  with exp_config.unlocked():
+    exp_config.model.encoder.latent_dim = 24
+  with pytest.raises(ValueError, match='does not match') as info:
+    _fresh_experiment(exp_config)
+  assert 'params of another shape: encoder/latents: checkpoint [8, 16] vs ' \
+      'model [8, 24]' in str(info.value)
+  # A learned position encoding fixes the resolution: a clear hint.
+  learned = _config(tmp_path / 'learned', steps=2)
+  with learned.unlocked():
+    learned.experiment_kwargs.config.model.preprocessor.update(
+        position_encoding_type='learned', learned_pos_channels=4)
+  _train(learned)
+  experiment = classification.ClassificationExperiment(
+      'train', jax.random.PRNGKey(0), learned.experiment_kwargs.config)
+  params, state = experiment.forward_with_state.init(  # At 4x4, not 8x8.
+      jax.random.PRNGKey(0), np.zeros((1, 4, 4, 1), np.float32),
+      is_training=True)
+  with pytest.raises(ValueError, match='resolution it was trained at') as info:
+    experiment._read_init_checkpoint(str(tmp_path / 'learned'), params, state)  # pylint: disable=protected-access
+  assert ('preprocessor/position_encoding/pos_embs: checkpoint [64, 4] vs '
+          'model [16, 4]') in str(info.value)
 
 
 def _run_train(tmp_path, *flags, **popen_kwargs):

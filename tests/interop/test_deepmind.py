@@ -129,6 +129,136 @@ def test_renamed_parameters_give_the_same_logits():
                                 logits(model, params, images))
 
 
+# The conv and learned-position variants.
+
+_CONV = 'image_preprocessor/~/conv2_d_downsample/~/'
+_POS = 'image_preprocessor/~_build_network_inputs/'
+# (preset, arrays, parameters, released preprocessor names and shapes,
+# released state names and shapes): the released files' preprocessors
+# (deepmind-research perceiver/io_processors.py as the ImageNet colab builds
+# it; hk.BatchNorm keeps [1, 1, 1, C] statistics and parameters).
+RELEASED_VARIANTS = {
+    'p2,prep=conv': (139, 48_646_522, {
+        (_CONV + 'conv', 'w'): (7, 7, 3, 64),
+        (_CONV + 'batchnorm', 'scale'): (1, 1, 1, 64),
+        (_CONV + 'batchnorm', 'offset'): (1, 1, 1, 64),
+        ('perceiver_encoder/~/cross_attention/layer_norm_1', 'scale'):
+            (64 + 258,),
+    }, {
+        (_CONV + f'batchnorm/~/{ema}', name): shape
+        for ema in ('mean_ema', 'var_ema')
+        for name, shape in (('counter', ()), ('hidden', (1, 1, 1, 64)),
+                            ('average', (1, 1, 1, 64)))
+    }),
+    'p2,pos=learned': (141, 62_255_848, {
+        ('image_preprocessor/~/conv2_d', 'w'): (1, 1, 3, 256),
+        ('image_preprocessor/~/conv2_d', 'b'): (256,),
+        (_POS + 'trainable_position_encoding', 'pos_embs'): (50_176, 256),
+        (_POS + 'position_encoding_projector/linear', 'w'): (256, 256),
+        (_POS + 'position_encoding_projector/linear', 'b'): (256,),
+        ('perceiver_encoder/~/cross_attention/layer_norm_1', 'scale'):
+            (256 + 256,),
+    }, {}),
+}
+
+
+@pytest.mark.parametrize('preset', sorted(RELEASED_VARIANTS))
+def test_released_variants_map_completely_by_renaming(preset):
+  arrays, count, names, state_names = RELEASED_VARIANTS[preset]
+  model = imagenet.get_config(preset).experiment_kwargs.config.model
+  shapes, state_shapes = deepmind.model_shapes(model)
+  table = deepmind.name_table(model)
+  released = {theirs: shapes[ours].shape for theirs, ours in table}
+  assert len(table) == len(released) == len(shapes) == arrays
+  assert {ours for _, ours in table} == set(shapes)
+  assert sum(int(np.prod(s)) for s in released.values()) == count
+  for name, shape in names.items():
+    assert released[name] == shape, name
+  state_table = deepmind.state_name_table(model)
+  assert {theirs: state_shapes[ours].shape
+          for theirs, ours in state_table} == state_names
+  assert {ours for _, ours in state_table} == set(state_shapes)
+  # A released-format tree of that size loads (zeros: no real compute).
+  tree = {'params': collections.defaultdict(dict),
+          'state': collections.defaultdict(dict)}
+  for part, items in (('params', released.items()),
+                      ('state', state_names.items())):
+    for (module, name), shape in items:
+      dtype = np.int32 if name == 'counter' else np.float32
+      tree[part][module][name] = np.zeros(shape, dtype)
+  params, state = deepmind.from_deepmind(tree, model)
+  assert sum(x.size for x in jax.tree.leaves(params)) == count
+  assert {(module, name): np.shape(x) for module, values in state.items()
+          for name, x in values.items()} == {
+              ours: state_shapes[ours].shape for _, ours in state_table}
+
+
+def small_variant(preset):
+  """`preset` at debug size with a block of 2 self-attends."""
+  config = imagenet.get_config(preset + ',debug')
+  model = config.experiment_kwargs.config.model
+  with model.unlocked():
+    model.encoder.num_self_attends_per_block = 2
+  return model
+
+
+def random_variables(model, seed=0):
+  """Random params and state (counters too) of a small variant."""
+  rng = np.random.default_rng(seed)
+  params, state = jax.eval_shape(
+      functools.partial(models.make_forward_with_state(model).init,
+                        is_training=True),
+      jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  draw = lambda x: (rng.integers(1, 9, x.shape).astype(x.dtype)
+                    if np.issubdtype(x.dtype, np.integer) else
+                    rng.normal(size=x.shape).astype(x.dtype))
+  return jax.tree.map(draw, params), jax.tree.map(draw, state)
+
+
+@pytest.mark.parametrize('preset', sorted(RELEASED_VARIANTS))
+def test_small_variant_round_trip_with_state(preset, tmp_path):
+  model = small_variant(preset)
+  params, state = random_variables(model)
+  path = tmp_path / 'model.pystate'
+  deepmind.save_checkpoint(path, params, state, model)
+  with open(path, 'rb') as f:
+    raw = pickle.load(f)
+  assert all(module.startswith(('image_preprocessor', 'perceiver_encoder',
+                                'classification_decoder'))
+             for module in raw['params'])
+  if 'conv' in preset:
+    assert set(raw['state']) == {_CONV + 'batchnorm/~/mean_ema',
+                                 _CONV + 'batchnorm/~/var_ema'}
+    assert set(raw['state'][_CONV + 'batchnorm/~/var_ema']) == {
+        'counter', 'hidden', 'average'}
+  else:
+    assert raw['state'] == {}
+  loaded, loaded_state = deepmind.load_checkpoint(path, model,
+                                                  input_shape=(16, 16, 3))
+  assert_same_params(loaded, params)
+  assert_same_params(loaded_state, state)
+  forward = models.make_forward_with_state(model)
+  images = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
+  apply = jax.jit(functools.partial(forward.apply, is_training=False))
+  got, _ = apply(loaded, loaded_state, None, images)
+  want, _ = apply(params, state, None, images)
+  np.testing.assert_array_equal(got, want)
+  if 'conv' in preset:
+    # Evaluation normalises by the moving averages: the state matters.
+    other, _ = apply(params, random_variables(model, seed=1)[1], None, images)
+    assert not np.allclose(other, want)
+
+
+def test_fourier_file_into_the_conv_config_lists_names():
+  tree = released_tree(small_model(2))
+  with pytest.raises(deepmind.CheckpointMismatch) as info:
+    deepmind.from_deepmind(tree, small_variant('p2,prep=conv'))
+  missing = [m[0] for m in info.value.missing]
+  assert _CONV + 'conv/w' in missing
+  assert f'state: {_CONV}batchnorm/~/mean_ema/average' in missing
+  assert 'mean_ema/average' in str(info.value)
+
+
 # Files.
 
 
@@ -337,11 +467,12 @@ def test_allow_unsafe_pickle_reads_jax_arrays(tmp_path):
   assert_same_params(loaded, params)
 
 
-def test_save_refuses_state_and_foreign_names(tmp_path):
+def test_save_refuses_foreign_names(tmp_path):
   model = small_model(1)
   params = random_params(model)
-  with pytest.raises(ValueError, match='no state'):
-    deepmind.save_checkpoint(tmp_path / 'x', params, {'bn': {}}, model)
+  with pytest.raises(deepmind.CheckpointMismatch, match='state: bn/x'):
+    deepmind.save_checkpoint(tmp_path / 'x', params,
+                             {'bn': {'x': np.zeros(2)}}, model)
   params['encoder/~/extra'] = {'w': np.zeros(2)}
   with pytest.raises(deepmind.CheckpointMismatch, match='encoder/~/extra/w'):
     deepmind.save_checkpoint(tmp_path / 'x', params, {}, model)

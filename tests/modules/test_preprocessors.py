@@ -30,6 +30,14 @@ class TestPaperSizes:
             prep_type='conv', num_freq_bands=64), (224, 224, 3))
     assert shape == (2, 56 * 56, 64 + 258)
 
+  def test_imagenet_released_learned(self):
+    shape = preprocessor_testing.shape_of(
+        lambda: preprocessors.ImagePreprocessor(
+            prep_type='conv1x1', conv_channels=256,
+            position_encoding_type='learned', learned_pos_channels=256,
+            project_pos_dim=256), (224, 224, 3))
+    assert shape == (2, 50_176, 256 + 256)
+
 
 class TestImagePreprocessor:
 
@@ -77,6 +85,57 @@ class TestImagePreprocessor:
     assert float(jnp.min(x[..., :8])) >= 0.0  # ReLU then max-pool.
     np.testing.assert_allclose(
         x[0, :, 8:], preprocessor_testing.grid_ff((4, 3), 2), atol=1e-6)
+
+  def test_conv_batch_norm_as_released(self):
+    """Conv without bias, BatchNorm (batch statistics when training, moving
+    averages as state), ReLU, max-pool; against a jax.lax re-derivation."""
+    images = preprocessor_testing.uniform((2, 16, 12, 3))
+    f = hk.transform_with_state(
+        lambda x, t: preprocessors.ImagePreprocessor(
+            'conv', conv_channels=8, num_freq_bands=2, conv_norm='batch_norm',
+            name='pre')(x, is_training=t))
+    params, state = f.init(jax.random.key(0), images, True)
+    assert set(params) == {'pre/conv', 'pre/batchnorm'}
+    assert set(params['pre/conv']) == {'w'}  # No bias.
+    assert params['pre/batchnorm']['scale'].shape == (1, 1, 1, 8)
+    assert set(state) == {'pre/batchnorm/~/mean_ema',
+                          'pre/batchnorm/~/var_ema'}
+    (x, _), state = f.apply(params, state, None, images, True)
+    conv = jax.lax.conv_general_dilated(
+        images, params['pre/conv']['w'], (2, 2), 'SAME',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))  # [2, 8, 6, 8]
+    mean = conv.mean(axis=(0, 1, 2))
+    var = conv.var(axis=(0, 1, 2))
+    want = jax.nn.relu((conv - mean) / jnp.sqrt(var + 1e-5))  # Scale 1.
+    want = hk.max_pool(want, (1, 3, 3, 1), (1, 2, 2, 1), 'SAME')
+    np.testing.assert_allclose(x[..., :8], want.reshape(2, 12, 8),
+                               atol=1e-5)
+    # One update of zero-debiased averages holds this batch's statistics,
+    # so evaluating on the same batch gives the training output.
+    mean_ema = state['pre/batchnorm/~/mean_ema']
+    assert int(mean_ema['counter']) == 1
+    np.testing.assert_allclose(mean_ema['average'].reshape(8), mean,
+                               rtol=1e-5, atol=1e-6)
+    (x_eval, _), _ = f.apply(params, state, None, images, False)
+    np.testing.assert_allclose(x_eval, x, atol=1e-4)
+
+  def test_conv1x1_and_position_projection(self):
+    images = preprocessor_testing.uniform((2, 4, 3, 3))
+    (x, _), params = preprocessor_testing.run(
+        lambda: preprocessors.ImagePreprocessor(
+            'conv1x1', conv_channels=5, position_encoding_type='learned',
+            learned_pos_channels=6, project_pos_dim=4, name='pre'), images)
+    assert x.shape == (2, 12, 5 + 4)
+    conv = params['pre/conv1x1']
+    assert conv['w'].shape == (1, 1, 3, 5)
+    np.testing.assert_allclose(
+        x[..., :5], images.reshape(2, 12, 3) @ conv['w'][0, 0] + conv['b'],
+        atol=1e-6)
+    pos = params['pre/position_encoding']['pos_embs']  # [12, 6]
+    proj = params['pre/position_projection']
+    for b in range(2):
+      np.testing.assert_allclose(x[b, :, 5:], pos @ proj['w'] + proj['b'],
+                                 atol=1e-6)
 
   def test_learned_and_none(self):
     images = preprocessor_testing.uniform((2, 4, 4, 3))
@@ -131,6 +190,11 @@ class TestImagePreprocessor:
       (dict(patch_size=-2), 'patch_size'),
       (dict(learned_pos_init_scale=0.0), 'learned_pos_init_scale'),
       (dict(max_resolution=(0, 4)), 'max_resolution'),
+      (dict(conv_norm='layer_norm'), "conv_norm 'layer_norm'"),
+      (dict(conv_norm='batch_norm'), "needs prep_type='conv'"),
+      (dict(position_encoding_type='none', project_pos_dim=4),
+       'project_pos_dim=4 needs position features'),
+      (dict(project_pos_dim=0), 'project_pos_dim'),
   ])
   def test_bad_hyperparameters(self, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -29,7 +29,8 @@ setuptools.setup(
         'scikit-learn>=1.4',
         'h5py>=3.10',
     ],
-    package_data={'perceiver_jax.backends.cpu': ['csrc/*.cc', 'csrc/*.h']},
+    package_data={'perceiver_jax.backends.cpu': ['csrc/*.cc', 'csrc/*.h'],
+                  'perceiver_jax.data': ['imagenet2012_labels.txt']},
     extras_require={
         # OpenBLAS for the CPU backend's kernels, compiled at first use with
         # the host's C++ compiler; without either, CPU runs the reference ops.

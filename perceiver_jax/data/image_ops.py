@@ -9,6 +9,7 @@ Contents:
   - Inception-style random crop (P1/P2 ImageNet training), fused with JPEG
     decoding; the 224/256 centre crop used for evaluation.
   - Random horizontal flip, bicubic resize, mean/std normalisation.
+  - Decoding any image file (JPEG fused with its crop; PNG, GIF, BMP).
   - RandAugment (Cubuk et al. 2020) on uint8 images, written on plain TF ops
     (affine warps via ImageProjectiveTransformV3): no tensorflow-addons.
   - MixUp and CutMix on batches, producing soft labels (P2 ImageNet).
@@ -144,10 +145,33 @@ def decode_and_random_crop(image_bytes: tf.Tensor, seed: Seed,
 def decode_and_center_crop(image_bytes: tf.Tensor,
                            crop_fraction: float = EVAL_CROP_FRACTION
                            ) -> tf.Tensor:
-  """Decodes only the centre crop of a JPEG: uint8 [s, s, 3]."""
-  shape = tf.image.extract_jpeg_shape(image_bytes)
-  window = center_crop_window(shape, crop_fraction)
-  return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+  """Decodes the centre crop (`center_crop_window`) of an image file.
+
+  A JPEG decodes only the crop (fused, fast; the released evaluation's
+  decoder). PNG, GIF (first frame) and BMP decode whole, then are cropped.
+  Grey and RGBA images become RGB.
+
+  Args:
+    image_bytes: scalar string, the file's contents.
+    crop_fraction: in (0, 1].
+
+  Returns:
+    uint8 [s, s, 3], s = int(crop_fraction * min(H, W)).
+  """
+  image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
+
+  def jpeg():
+    shape = tf.image.extract_jpeg_shape(image_bytes)
+    window = center_crop_window(shape, crop_fraction)
+    return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+
+  def other():
+    image = tf.io.decode_image(image_bytes, channels=3,
+                               expand_animations=False)
+    return center_crop(image, crop_fraction)
+
+  return tf.ensure_shape(tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other),
+                         [None, None, 3])
 
 
 def crop(image: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
@@ -170,13 +194,20 @@ def center_crop(image: tf.Tensor,
 # Resizing, flipping, normalising.
 
 
-def resize(image: tf.Tensor, size: int | Sequence[int]) -> tf.Tensor:
-  """Bicubic resize to [size, size] (or [h, w]); float32 clipped to [0, 255].
+def resize(image: tf.Tensor, size: int | Sequence[int], *,
+           clip: bool = True) -> tf.Tensor:
+  """Bicubic resize to [size, size] (or [h, w]), float32.
+
+  The kernel is `tf.image.resize`'s bicubic (Keys cubic, a = -0.5, half-pixel
+  centres, no antialiasing; taps outside the image get weight 0 and the rest
+  are renormalised), as in the released Perceiver code.
 
   Args:
     image: [H, W, C] or [B, H, W, C], any real or integer dtype on the
       [0, 255] scale.
     size: output side, or (height, width).
+    clip: clip to [0, 255]. Bicubic overshoots next to sharp edges; training
+      clips, evaluation keeps the overshoot as the released evaluation does.
 
   Returns:
     float32 [size, size, C] (or batched).
@@ -185,8 +216,7 @@ def resize(image: tf.Tensor, size: int | Sequence[int]) -> tf.Tensor:
   if len(size) != 2 or min(size) < 1:
     raise ValueError(f'size={size} must be a positive int or (h, w).')
   image = tf.image.resize(tf.cast(image, tf.float32), size, method='bicubic')
-  # Bicubic overshoots near edges; keep the pixel range.
-  return tf.clip_by_value(image, 0.0, 255.0)
+  return tf.clip_by_value(image, 0.0, 255.0) if clip else image
 
 
 def random_flip(image: tf.Tensor, seed: Seed) -> tf.Tensor:

@@ -15,7 +15,12 @@ Preprocessing (P2 App. A.1; the released Perceiver code):
          magnitude 5), mean/std normalisation; optionally CutMix then MixUp
          on each host batch (P2: MixUp 0.2 + CutMix), adding soft labels.
   eval:  fused decode of the centre 224/256 of the short side, bicubic
-         resize, normalisation.
+         resize without clipping its overshoot, normalisation: the released
+         evaluation (deepmind-research perceiver/train/dataset.py), which the
+         released checkpoints' published accuracies come from. Its colab
+         differs slightly (OpenCV's bicubic, a = -0.75, rounded to uint8);
+         we follow the evaluation code. `load_eval_image` applies the same
+         to one image file (JPEG, PNG, GIF, BMP).
 
 Batches follow perceiver_jax.data.common: 'inputs' float32 [*batch_dims, S,
 S, 3] normalised (S = image_size), 'label' int32 [*batch_dims], 'mask'
@@ -340,9 +345,59 @@ def train_preprocess(image_bytes: tf.Tensor, seed: tf.Tensor, *,
 def eval_preprocess(image_bytes: tf.Tensor, *, image_size: int,
                     crop_fraction: float = image_ops.EVAL_CROP_FRACTION
                     ) -> tf.Tensor:
-  """JPEG bytes -> centre-cropped, normalised float32 [S, S, 3]."""
+  """Image bytes -> centre-cropped, normalised float32 [S, S, 3].
+
+  As the released evaluation: the centred square of side
+  int(crop_fraction * min(H, W)) at offsets ((H - side + 1) // 2,
+  (W - side + 1) // 2), bicubic resize to S (not clipped to [0, 255]), then
+  (x - MEAN_RGB) / STDDEV_RGB.
+
+  Args:
+    image_bytes: scalar string, a JPEG (ImageNet) or PNG, GIF, BMP file.
+    image_size: S.
+    crop_fraction: centre crop as a fraction of the short side.
+
+  Returns:
+    float32 [S, S, 3].
+  """
   image = image_ops.decode_and_center_crop(image_bytes, crop_fraction)
-  return image_ops.normalize(image_ops.resize(image, image_size))
+  return image_ops.normalize(image_ops.resize(image, image_size, clip=False))
+
+
+def load_eval_image(path: str, config: ml_collections.ConfigDict
+                    ) -> np.ndarray:
+  """One image file, preprocessed exactly as `config`'s evaluation does.
+
+  Args:
+    path: a JPEG, PNG, GIF or BMP file (local or gs://).
+    config: the data section (image_size, eval_crop_fraction).
+
+  Returns:
+    float32 [S, S, 3], as in the 'inputs' of an evaluation batch.
+
+  Raises:
+    FileNotFoundError: if `path` does not exist.
+    ValueError: if it cannot be read or decoded as an image, or for bad
+      config values.
+  """
+  options = _read_options(config)
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f'Image file {path} does not exist.')
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      data = f.read()
+  except (OSError, tf.errors.OpError) as e:
+    raise ValueError(f'Cannot read image file {path}: {e}') from e
+  hide_gpus_from_tensorflow()
+  try:
+    image = eval_preprocess(
+        tf.constant(data), image_size=options['image_size'],
+        crop_fraction=options['eval_crop_fraction'])
+  except tf.errors.OpError as e:
+    raise ValueError(
+        f'Cannot decode {path} as an image (JPEG, PNG, GIF or BMP): '
+        f'{e.message}') from e
+  return image.numpy()
 
 
 def _train_example(example, seed, options):

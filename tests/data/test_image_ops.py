@@ -88,6 +88,40 @@ def test_centre_crop_is_224_of_256_of_the_short_side():
     image_ops.center_crop_window(tf.constant([4, 4, 3]), 1.5)
 
 
+@pytest.mark.parametrize('shape', [(256, 320), (300, 200), (375, 500),
+                                   (333, 333), (17, 40), (500, 9)])
+def test_centre_crop_window_is_the_released_one(shape):
+  # deepmind-research perceiver/train/dataset.py, _decode_and_center_crop.
+  height, width = shape
+  side = int(224 / (224 + 32) * np.float32(min(height, width)))
+  expected = [(height - side + 1) // 2, (width - side + 1) // 2, side, side]
+  window = _both(image_ops.center_crop_window,
+                 tf.constant([height, width, 3]))
+  np.testing.assert_array_equal(window, expected)
+
+
+def _png(image: np.ndarray) -> bytes:
+  out = io.BytesIO()
+  Image.fromarray(image).save(out, format='PNG')
+  return out.getvalue()
+
+
+def test_decode_and_center_crop_reads_png_grey_and_rgba():
+  image = _photo(40, 64)
+  side = int(40 * 224 / 256)
+  y, x = (40 - side + 1) // 2, (64 - side + 1) // 2
+  want = image[y:y + side, x:x + side]
+  np.testing.assert_array_equal(
+      _both(image_ops.decode_and_center_crop, tf.constant(_png(image))), want)
+  grey = np.asarray(Image.fromarray(image).convert('L'))
+  out = _both(image_ops.decode_and_center_crop, tf.constant(_png(grey)))
+  np.testing.assert_array_equal(
+      out, np.repeat(grey[y:y + side, x:x + side, None], 3, axis=-1))
+  rgba = np.concatenate([image, np.full([40, 64, 1], 9, np.uint8)], -1)
+  np.testing.assert_array_equal(
+      _both(image_ops.decode_and_center_crop, tf.constant(_png(rgba))), want)
+
+
 def test_fused_decode_and_crop_matches_decode_then_crop():
   image = _photo(60, 80)
   data = tf.constant(_jpeg(image))
@@ -125,6 +159,75 @@ def test_resize_bicubic_shape_range_and_constant():
     image_ops.resize(tf.constant(flat), 0)
 
 
+def _keys_weights(size_in: int, size_out: int, a: float) -> np.ndarray:
+  """[out, in] weights of a cubic resize with tf.image.resize's conventions.
+
+  Half-pixel centres; Keys' cubic with parameter `a` at offsets rounded to
+  1/1024 (TF's coefficient table); taps outside the image get weight 0 and
+  the rest are renormalised to sum 1.
+  """
+  def keys(x):
+    x = abs(x)
+    if x <= 1:
+      return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2:
+      return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return 0.0
+
+  weights = np.zeros([size_out, size_in])
+  scale = size_in / size_out
+  for o in range(size_out):
+    x = (o + 0.5) * scale - 0.5
+    start = int(np.floor(x))
+    t = np.round((x - start) * 1024) / 1024
+    for j in range(-1, 3):
+      if 0 <= start + j < size_in:
+        weights[o, start + j] = keys(j - t)
+    weights[o] /= weights[o].sum()
+  return weights
+
+
+def _numpy_bicubic(image: np.ndarray, size: tuple[int, int],
+                   a: float = -0.5) -> np.ndarray:
+  rows = _keys_weights(image.shape[0], size[0], a)
+  cols = _keys_weights(image.shape[1], size[1], a)
+  return np.einsum('oh,hwc,pw->opc', rows, image.astype(np.float64), cols)
+
+
+def _bars(height: int, width: int, period: int = 3) -> np.ndarray:
+  """Black and white vertical bars, uint8 [H, W, 3]: bicubic overshoots."""
+  row = np.where((np.arange(width) // period) % 2 == 0, 0, 255)
+  return np.broadcast_to(row[None, :, None], [height, width, 3]).astype(
+      np.uint8)
+
+
+@pytest.mark.parametrize('size_in, size_out', [
+    ((30, 40), (12, 16)),  # Down by 2.5: TF's offsets are exact.
+    ((35, 29), (16, 16)),  # Arbitrary ratios.
+    ((9, 7), (16, 20)),  # Up.
+])
+def test_resize_is_tf_bicubic_keys_half_pixel(size_in, size_out):
+  image = _photo(*size_in)
+  out = _both(lambda im: image_ops.resize(im, size_out, clip=False),
+              tf.constant(image))
+  expected = _numpy_bicubic(image, size_out)
+  np.testing.assert_allclose(out, expected, atol=2e-3)
+  # The test tells kernels apart: OpenCV's INTER_CUBIC (a = -0.75, DeepMind's
+  # colab) is a different resize.
+  assert np.abs(_numpy_bicubic(image, size_out, a=-0.75) - expected).max() > 1
+
+
+def test_resize_clips_only_when_asked():
+  bars = tf.constant(_bars(30, 40))
+  raw = _both(lambda im: image_ops.resize(im, (12, 16), clip=False), bars)
+  # The released evaluation keeps bicubic's overshoot past [0, 255].
+  assert raw.min() < -5 and raw.max() > 260
+  np.testing.assert_allclose(raw, _numpy_bicubic(_bars(30, 40), (12, 16)),
+                             atol=2e-3)
+  clipped = _both(lambda im: image_ops.resize(im, (12, 16)), bars)
+  np.testing.assert_array_equal(clipped, np.clip(raw, 0, 255))
+
+
 def test_random_flip():
   image = _photo()
   flipped = 0
@@ -135,6 +238,13 @@ def test_random_flip():
     else:
       np.testing.assert_array_equal(out, image)
   assert 0 < flipped < 16
+
+
+def test_normalisation_constants_are_the_released_ones():
+  # deepmind-research perceiver/train/dataset.py MEAN_RGB, STDDEV_RGB.
+  np.testing.assert_allclose(image_ops.MEAN_RGB, (123.675, 116.28, 103.53))
+  np.testing.assert_allclose(image_ops.STDDEV_RGB, (58.395, 57.12, 57.375))
+  assert image_ops.EVAL_CROP_FRACTION == 224 / 256
 
 
 def test_normalize():

@@ -1,12 +1,17 @@
 """The ImageNet loader on a tiny ILSVRC-2012 built by the real tfds builder."""
 
 import collections
+import io
 import os
 
 import numpy as np
+from PIL import Image
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from configs import imagenet as imagenet_config
+from perceiver_jax.data import image_ops
 from perceiver_jax.data import imagenet
 from tests.data import ilsvrc_fixture
 
@@ -196,3 +201,107 @@ def test_default_config_holds_the_paper_values():
   assert imagenet.num_examples('train') == 1_281_167
   assert imagenet.num_examples('validation') == 50_000
   assert ilsvrc_fixture.label_names()[0] == 'n01440764'
+
+
+# Evaluation preprocessing: the released one (perceiver_jax/data/imagenet.py).
+
+
+def _released_eval(data: bytes, size: int) -> np.ndarray:
+  """deepmind-research perceiver/train/dataset.py's eval, re-derived.
+
+  The centre crop of side int(224 / 256 * min(H, W)) (a JPEG decodes only
+  that window, as there; other formats decode whole, then crop), bicubic
+  tf.image.resize without clipping, then (x - MEAN_RGB) / STDDEV_RGB with
+  MEAN_RGB = 255 * (0.485, 0.456, 0.406), STDDEV_RGB = 255 * (0.229, 0.224,
+  0.225).
+  """
+  is_jpeg = bool(tf.io.is_jpeg(data))
+  if is_jpeg:
+    height, width = tf.image.extract_jpeg_shape(data).numpy()[:2]
+  else:
+    image = tf.io.decode_image(data, channels=3).numpy()
+    height, width = image.shape[:2]
+  side = int(224 / (224 + 32) * np.float32(min(height, width)))
+  y, x = (height - side + 1) // 2, (width - side + 1) // 2
+  if is_jpeg:
+    crop = tf.image.decode_and_crop_jpeg(data, [y, x, side, side],
+                                         channels=3)
+  else:
+    crop = image[y:y + side, x:x + side]
+  resized = tf.image.resize(crop, (size, size),
+                            tf.image.ResizeMethod.BICUBIC).numpy()
+  mean = np.array([0.485, 0.456, 0.406]) * 255
+  std = np.array([0.229, 0.224, 0.225]) * 255
+  return ((resized - mean) / std).astype(np.float32)
+
+
+def _edges(height: int, width: int) -> np.ndarray:
+  """Sharp-edged colour blocks, uint8 [H, W, 3]: bicubic overshoots."""
+  rng = np.random.default_rng(0)
+  blocks = rng.choice([0, 255], size=(height // 4 + 1, width // 4 + 1, 3))
+  return np.kron(blocks, np.ones([4, 4, 1]))[:height, :width].astype(
+      np.uint8)
+
+
+def _encode(image: np.ndarray, fmt: str) -> bytes:
+  out = io.BytesIO()
+  Image.fromarray(image).save(out, format=fmt, quality=95, subsampling=0)
+  return out.getvalue()
+
+
+@pytest.mark.parametrize('fmt', ['PNG', 'JPEG'])
+def test_eval_preprocess_is_the_released_eval(fmt):
+  image = _edges(45, 70)
+  data = _encode(image, fmt)
+  expected = _released_eval(data, 24)
+  preprocess = lambda b: imagenet.eval_preprocess(b, image_size=24)
+  eager = preprocess(tf.constant(data)).numpy()
+  in_tf_data = tf.data.Dataset.from_tensors(data).map(
+      preprocess).get_single_element().numpy()
+  assert eager.shape == (24, 24, 3) and eager.dtype == np.float32
+  np.testing.assert_allclose(eager, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(eager, in_tf_data)
+  # Not clipped: bicubic's overshoot past 0 and 255 survives normalisation.
+  lo = (0 - np.array(image_ops.MEAN_RGB)) / np.array(image_ops.STDDEV_RGB)
+  hi = (255 - np.array(image_ops.MEAN_RGB)) / np.array(image_ops.STDDEV_RGB)
+  assert np.any(eager < lo - 0.05) and np.any(eager > hi + 0.05)
+
+
+def test_eval_pipeline_applies_eval_preprocess(imagenet_fixture):
+  config = _config(imagenet_fixture)
+  batch = next(imagenet.load(config, 'validation', is_training=False,
+                             batch_dims=(1, 10), seed=0))
+  raw = imagenet.get_builder(config).as_dataset(
+      'validation', decoders={'image': tfds.decode.SkipDecoding()})
+  for k, example in enumerate(raw.take(10)):
+    np.testing.assert_allclose(
+        batch['inputs'][0, k],
+        _released_eval(example['image'].numpy(), IMAGE_SIZE),
+        rtol=1e-5, atol=1e-4)
+
+
+def test_load_eval_image_reads_files_as_the_eval_does(tmp_path):
+  image = _edges(60, 50)
+  p2_data = imagenet_config.get_config('p2').experiment_kwargs.config.data
+  for fmt, suffix in (('JPEG', 'jpg'), ('PNG', 'png')):
+    path = tmp_path / f'image.{suffix}'
+    path.write_bytes(_encode(image, fmt))
+    out = imagenet.load_eval_image(str(path), p2_data)
+    assert out.shape == (224, 224, 3) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, imagenet.eval_preprocess(
+        tf.constant(path.read_bytes()), image_size=224).numpy())
+    np.testing.assert_allclose(out, _released_eval(path.read_bytes(), 224),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_load_eval_image_errors_name_the_file(tmp_path):
+  config = imagenet.default_config()
+  missing = tmp_path / 'missing.jpg'
+  with pytest.raises(FileNotFoundError, match='missing.jpg'):
+    imagenet.load_eval_image(str(missing), config)
+  junk = tmp_path / 'junk.png'
+  junk.write_bytes(b'not an image')
+  with pytest.raises(ValueError, match='Cannot decode .*junk.png'):
+    imagenet.load_eval_image(str(junk), config)
+  with pytest.raises(ValueError, match='Cannot read'):
+    imagenet.load_eval_image(str(tmp_path), config)

@@ -519,3 +519,19 @@ def test_import_refuses_a_mismatched_config_and_writes_nothing(tmp_path):
   with pytest.raises(ValueError, match='Unknown format'):
     import_checkpoint.import_checkpoint(small_config(3), str(pystate),
                                         str(tmp_path / 'out'), fmt='hf')
+
+
+def test_import_of_the_conv_variant_keeps_its_batch_norm_state(tmp_path):
+  config = imagenet.get_config('p2,prep=conv,debug')
+  exp_config = config.experiment_kwargs.config
+  model = exp_config.model
+  params, state = random_variables(model)
+  pystate = tmp_path / 'conv.pystate'
+  deepmind.save_checkpoint(pystate, params, state, model)
+  output = tmp_path / 'imported'
+  import_checkpoint.import_checkpoint(config, str(pystate), str(output))
+  restored = checkpointing.restore_checkpoint(str(output))
+  assert_same_params(restored['experiment_module']['state'], state)
+  experiment = experiments.get_experiment_class(exp_config.experiment)(
+      'eval', jax.random.key(0), exp_config)
+  experiment.restore_from_snapshot(restored['experiment_module'])

@@ -42,7 +42,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from perceiver_jax import models
 from perceiver_jax import ops
 from perceiver_jax.analysis import summary
 from perceiver_jax.modules import perceiver
@@ -91,6 +90,16 @@ def batch_spec(data_config: ml_collections.ConfigDict, batch_size: int
   return inputs, jax.ShapeDtypeStruct((batch_size,), jnp.int32)
 
 
+def _loss_fn(forward: hk.Transformed) -> Callable[..., jax.Array]:
+  """(params, inputs, labels, rng) -> mean softmax cross-entropy."""
+
+  def loss(params, inputs, labels, rng):
+    logits = forward.apply(params, rng, inputs, is_training=True)
+    return jnp.mean(losses.softmax_cross_entropy(logits, labels))
+
+  return loss
+
+
 def make_train_step(experiment_config: ml_collections.ConfigDict
                     ) -> tuple[hk.Transformed, optax.GradientTransformation,
                                Callable[..., Any]]:
@@ -105,10 +114,8 @@ def make_train_step(experiment_config: ml_collections.ConfigDict
       experiment_config.optimizer, steps_per_epoch=1000, total_steps=10**6)
 
   def step(params, opt_state, inputs, labels, rng):
-    def loss_fn(p):
-      logits = forward.apply(p, rng, inputs, is_training=True)
-      return jnp.mean(losses.softmax_cross_entropy(logits, labels))
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    loss, grads = jax.value_and_grad(_loss_fn(forward))(
+        params, inputs, labels, rng)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -236,11 +243,7 @@ def _distinct_values(jaxpr) -> dict[Any, Any]:
 def _activation_bytes(forward, params, inputs, labels, platform) -> int:
   """Bytes of the distinct residuals of the loss's VJP, less the arguments
   (parameters and batch, counted on their own)."""
-
-  def loss(p, x, y, rng):
-    logits = forward.apply(p, rng, x, is_training=True)
-    return jnp.mean(losses.softmax_cross_entropy(logits, y))
-
+  loss = _loss_fn(forward)
   rng = jax.eval_shape(lambda: jax.random.key(0))
   with ops.tracing_for(platform):
     closed, shapes = jax.make_jaxpr(

@@ -87,6 +87,30 @@ def classify(config: ml_collections.ConfigDict, checkpoint: str,
   return results
 
 
+def restore_params(model: ml_collections.ConfigDict, checkpoint: str,
+                   example: np.ndarray) -> tuple[hk.Params, hk.State]:
+  """A checkpoint's (params, state) for `model`, checked against it.
+
+  Args:
+    model: the model section of the config.
+    checkpoint: a checkpoint root, series or step directory.
+    example: one input, no batch axis (its shape builds the model).
+
+  Returns:
+    (params, state); state is {} for models without BatchNorm.
+
+  Raises:
+    FileNotFoundError: a path without a complete step.
+    CheckpointMismatch: parameters that do not fit the model.
+  """
+  restored = checkpointing.restore_checkpoint(checkpoint)
+  snapshot = restored['experiment_module']
+  params, state = snapshot['params'], snapshot.get('state') or {}
+  _check_params(params, state, models.make_forward_with_state(model),
+                example, restored['path'])
+  return params, state
+
+
 def _check_params(params: Any, state: Any,
                   transformed: hk.TransformedWithState, image: np.ndarray,
                   path: Any) -> None:

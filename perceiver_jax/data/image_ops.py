@@ -12,7 +12,8 @@ Contents:
   - Decoding any image file (JPEG fused with its crop; PNG, GIF, BMP).
   - RandAugment (Cubuk et al. 2020) on uint8 images, written on plain TF ops
     (affine warps via ImageProjectiveTransformV3): no tensorflow-addons.
-  - MixUp and CutMix on batches, producing soft labels (P2 ImageNet).
+  - MixUp and CutMix on groups of examples, producing soft labels (P2
+    ImageNet), as DeepMind's released training code (see `mix_group`).
 
 RandAugment magnitude convention: `magnitude` in [0, 10]; 0 is the identity
 for every op and 10 its strongest setting (rotate 30 degrees, shear 0.3,
@@ -503,84 +504,163 @@ def randaugment(image: tf.Tensor, seed: Seed, *, num_layers: int,
   return image
 
 
-# Batch-level mixing (P2): soft labels.
+# Batch-level mixing (P2): soft labels, as DeepMind's released training code.
+#
+# deepmind-research perceiver/train/dataset.py (`load`, `cutmix_padding`,
+# `my_mixup`, `my_cutmix`, `my_mixup_cutmix`; from nfnets/dataset.py) and
+# perceiver/train/experiment.py (`_loss_fn`). There, a group of 2n examples
+# (n = the per-device batch) gives n mixed ones, each mixed with a DIFFERENT
+# example of the group, never itself:
+#   MixUp and CutMix: the first n/2 outputs are MixUp of examples [0, n/2)
+#     with [n/2, n); the last n/2 are CutMix of [n, 3n/2) with [3n/2, 2n).
+#   MixUp only / CutMix only: all n outputs, examples [0, n) with [n, 2n).
+# Every output draws its own ratio. MixUp: lam ~ Beta(mixup_alpha,
+# mixup_alpha), image lam * x + (1 - lam) * x_partner. CutMix: a box of
+# sides floor(sqrt(1 - p) * side) with p ~ Uniform(0, 1) (Beta(1, 1); here
+# Beta(cutmix_alpha, cutmix_alpha), so cutmix_alpha=1.0 is the released
+# recipe) around a uniform integer centre, each half side rounded down and
+# clipped to the image; the example keeps its own pixels INSIDE the box and
+# takes the partner's outside, and its ratio is the box's area fraction (the
+# area actually kept, after clipping). Labels: ratio * onehot(label) +
+# (1 - ratio) * onehot(partner label); label smoothing comes after mixing,
+# on the mixed labels (`losses` does so for 'label_probs').
 
 
-def _beta(seed: Seed, alpha: float) -> tf.Tensor:
-  """One sample of Beta(alpha, alpha) via two Gamma(alpha) draws."""
+def _beta(seed: Seed, alpha: float, shape: Sequence[int] = ()) -> tf.Tensor:
+  """Samples of Beta(alpha, alpha) [*shape] via two Gamma(alpha) draws."""
   seed_a, seed_b = split_seed(seed, 2)
-  a = tf.random.stateless_gamma([], seed_a, alpha)
-  b = tf.random.stateless_gamma([], seed_b, alpha)
-  return a / tf.maximum(a + b, 1e-12)
+  a = tf.random.stateless_gamma(shape, seed_a, alpha)
+  b = tf.random.stateless_gamma(shape, seed_b, alpha)
+  return a / tf.maximum(a + b, 1e-30)
 
 
-def _check_mix_inputs(images: tf.Tensor, label_probs: tf.Tensor,
-                      alpha: float) -> None:
+def cutmix_masks(num: int, height: int, width: int, seed: Seed, *,
+                 alpha: float = 1.0) -> tuple[tf.Tensor, tf.Tensor]:
+  """`num` CutMix boxes as the released `cutmix_padding` draws them.
+
+  Args:
+    num: boxes to draw.
+    height, width: image size H, W.
+    seed: [2].
+    alpha: p ~ Beta(alpha, alpha) sets the box side ratio sqrt(1 - p);
+      1.0 (uniform) as released.
+
+  Returns:
+    (masks float32 [num, H, W, 1], 1 inside the box (the example's own
+    pixels) and 0 outside (the partner's); ratios float32 [num], each
+    mask's mean: the example's share of its mixed label).
+  """
   if alpha <= 0:
-    raise ValueError(f'alpha={alpha} must be positive.')
-  if images.shape.rank != 4 or label_probs.shape.rank != 2:
+    raise ValueError(f'cutmix alpha={alpha} must be positive.')
+  p_seed, y_seed, x_seed = split_seed(seed, 3)
+  proportion = _beta(p_seed, alpha, [num])
+  side = tf.sqrt(1.0 - proportion)
+  # Truncation towards zero, as tf.cast(float -> int32) in the released code.
+  half_h = tf.cast(side * float(height), tf.int32) // 2  # [num]
+  half_w = tf.cast(side * float(width), tf.int32) // 2
+  cy = tf.random.stateless_uniform([num], y_seed, 0, height, tf.int32)
+  cx = tf.random.stateless_uniform([num], x_seed, 0, width, tf.int32)
+  y0 = tf.clip_by_value(cy - half_h, 0, height)[:, None, None]  # [num, 1, 1]
+  y1 = tf.clip_by_value(cy + half_h, 0, height)[:, None, None]
+  x0 = tf.clip_by_value(cx - half_w, 0, width)[:, None, None]
+  x1 = tf.clip_by_value(cx + half_w, 0, width)[:, None, None]
+  rows = tf.range(height)[None, :, None]  # [1, H, 1]
+  cols = tf.range(width)[None, None, :]  # [1, 1, W]
+  box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)  # [num, H, W]
+  masks = tf.cast(box, tf.float32)[..., None]
+  return masks, tf.reduce_mean(masks, axis=[1, 2, 3])
+
+
+def mix_split(batch_size: int, *, mixup: bool, cutmix: bool
+              ) -> tuple[int, int]:
+  """(MixUp outputs, CutMix outputs) of a group making batch_size outputs.
+
+  Both on: floor(n/2) MixUp and the rest CutMix (the released code's half
+  and half; for odd n it would drop one example, here CutMix gets it).
+  """
+  if not (mixup or cutmix):
+    raise ValueError('mix_split needs mixup or cutmix on.')
+  if batch_size < 1:
+    raise ValueError(f'batch_size={batch_size} must be >= 1.')
+  if mixup and cutmix:
+    return batch_size // 2, batch_size - batch_size // 2
+  return (batch_size, 0) if mixup else (0, batch_size)
+
+
+def mix_group(images: tf.Tensor, labels: tf.Tensor, seed: Seed, *,
+              mixup_alpha: float, cutmix_alpha: float) -> dict[str, tf.Tensor]:
+  """MixUp and/or CutMix of a group of 2n examples into n (released recipe).
+
+  See the section comment above for which example gets which, and the
+  partners. mixup_alpha / cutmix_alpha > 0 turn each on.
+
+  Args:
+    images: float [2n, H, W, C], with a static first dimension.
+    labels: int32 [2n].
+    seed: [2].
+    mixup_alpha: MixUp's Beta concentration (P2: 0.2); 0 turns it off.
+    cutmix_alpha: CutMix's box-proportion Beta concentration (P2: 1.0, the
+      released uniform); 0 turns it off.
+
+  Returns:
+    {'inputs': [n, H, W, C], 'label': [n] (each output's own example),
+     'mix_label': [n] (its partner's), 'ratio': float32 [n] (the own
+     example's share: MixUp's lam, CutMix's kept area),
+     'is_cutmix': bool [n]}.
+  """
+  for name, alpha in (('mixup_alpha', mixup_alpha),
+                      ('cutmix_alpha', cutmix_alpha)):
+    if alpha < 0:
+      raise ValueError(f'{name}={alpha} must be >= 0.')
+  if images.shape.rank != 4 or labels.shape.rank != 1:
+    raise ValueError(f'Expected images [2n, H, W, C] and labels [2n], got '
+                     f'{images.shape} and {labels.shape}.')
+  group = images.shape[0]
+  if group is None or group % 2 or group != labels.shape[0]:
     raise ValueError(
-        f'Expected images [B, H, W, C] and label_probs [B, K], got '
-        f'{images.shape} and {label_probs.shape}.')
+        f'Expected a static, even group size 2n shared by images and '
+        f'labels, got {images.shape[0]} and {labels.shape[0]}.')
+  num_mixup, num_cutmix = mix_split(group // 2, mixup=mixup_alpha > 0,
+                                    cutmix=cutmix_alpha > 0)
+  mixup_seed, cutmix_seed = split_seed(seed, 2)
+  height, width = images.shape[1], images.shape[2]
+  if height is None or width is None:
+    height, width = tf.shape(images)[1], tf.shape(images)[2]
+  out = {'inputs': [], 'label': [], 'mix_label': [], 'ratio': [],
+         'is_cutmix': []}
+
+  def add(own, partner, ratio, mixed, is_cutmix):
+    out['inputs'].append(mixed)
+    out['label'].append(tf.gather(labels, own))
+    out['mix_label'].append(tf.gather(labels, partner))
+    out['ratio'].append(ratio)
+    out['is_cutmix'].append(tf.fill([len(own)], is_cutmix))
+
+  if num_mixup:
+    own = list(range(num_mixup))
+    partner = list(range(num_mixup, 2 * num_mixup))
+    lam = _beta(mixup_seed, mixup_alpha, [num_mixup])
+    x, y = tf.gather(images, own), tf.gather(images, partner)
+    blend = tf.cast(lam, x.dtype)[:, None, None, None]
+    add(own, partner, lam, blend * x + (1.0 - blend) * y, False)
+  if num_cutmix:
+    start = 2 * num_mixup
+    own = list(range(start, start + num_cutmix))
+    partner = list(range(start + num_cutmix, start + 2 * num_cutmix))
+    masks, ratio = cutmix_masks(num_cutmix, height, width, cutmix_seed,
+                                alpha=cutmix_alpha)
+    x, y = tf.gather(images, own), tf.gather(images, partner)
+    add(own, partner, ratio, tf.where(masks > 0, x, y), True)
+  return {k: tf.concat(v, axis=0) for k, v in out.items()}
 
 
-def mixup(images: tf.Tensor, label_probs: tf.Tensor, seed: Seed, *,
-          alpha: float) -> tuple[tf.Tensor, tf.Tensor]:
-  """MixUp (Zhang et al. 2018): blends the batch with its reverse.
+def mixed_label_probs(label: tf.Tensor, mix_label: tf.Tensor,
+                      ratio: tf.Tensor, num_classes: int) -> tf.Tensor:
+  """ratio * onehot(label) + (1 - ratio) * onehot(mix_label): [n, K].
 
-  One ratio lam ~ Beta(alpha, alpha) for the batch; example i becomes
-  lam * x_i + (1 - lam) * x_{B-1-i}, and so do its label probabilities.
-
-  Args:
-    images: float [B, H, W, C].
-    label_probs: float32 [B, K], rows summing to 1 (e.g. one-hot).
-    seed: [2].
-    alpha: Beta concentration (P2: 0.2).
-
-  Returns:
-    (images [B, H, W, C], label_probs [B, K]), rows still summing to 1.
+  As the released `_loss_fn`, before any label smoothing.
   """
-  _check_mix_inputs(images, label_probs, alpha)
-  lam = _beta(seed, alpha)
-  images = lam * images + (1.0 - lam) * tf.reverse(images, [0])
-  label_probs = lam * label_probs + (1.0 - lam) * tf.reverse(label_probs, [0])
-  return images, label_probs
-
-
-def cutmix(images: tf.Tensor, label_probs: tf.Tensor, seed: Seed, *,
-           alpha: float) -> tuple[tf.Tensor, tf.Tensor]:
-  """CutMix (Yun et al. 2019): pastes a box from the reversed batch.
-
-  lam ~ Beta(alpha, alpha) sets the box area (1 - lam) * H * W around a
-  uniform centre, clipped to the image; labels mix by the area actually
-  pasted.
-
-  Args:
-    images: float [B, H, W, C].
-    label_probs: float32 [B, K], rows summing to 1.
-    seed: [2].
-    alpha: Beta concentration (1.0 is customary).
-
-  Returns:
-    (images [B, H, W, C], label_probs [B, K]), rows still summing to 1.
-  """
-  _check_mix_inputs(images, label_probs, alpha)
-  lam_seed, y_seed, x_seed = split_seed(seed, 3)
-  lam = _beta(lam_seed, alpha)
-  height, width = tf.shape(images)[1], tf.shape(images)[2]
-  h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-  ratio = tf.sqrt(1.0 - lam)
-  half_h = tf.cast(tf.round(h * ratio / 2.0), tf.int32)
-  half_w = tf.cast(tf.round(w * ratio / 2.0), tf.int32)
-  cy = tf.random.stateless_uniform([], y_seed, 0, height, tf.int32)
-  cx = tf.random.stateless_uniform([], x_seed, 0, width, tf.int32)
-  y0, y1 = tf.maximum(cy - half_h, 0), tf.minimum(cy + half_h, height)
-  x0, x1 = tf.maximum(cx - half_w, 0), tf.minimum(cx + half_w, width)
-  rows = tf.range(height)[:, None, None]
-  cols = tf.range(width)[None, :, None]
-  box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)  # [H, W, 1]
-  images = tf.where(box[None], tf.reverse(images, [0]), images)
-  pasted = tf.cast((y1 - y0) * (x1 - x0), tf.float32) / (h * w)
-  label_probs = ((1.0 - pasted) * label_probs +
-                 pasted * tf.reverse(label_probs, [0]))
-  return images, label_probs
+  own = tf.one_hot(label, num_classes, dtype=tf.float32)
+  other = tf.one_hot(mix_label, num_classes, dtype=tf.float32)
+  ratio = tf.cast(ratio, tf.float32)[:, None]
+  return ratio * own + (1.0 - ratio) * other

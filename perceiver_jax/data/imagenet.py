@@ -41,7 +41,15 @@ Config fields read (see `default_config`):
   image_size: side S of the square crops fed to the model (224).
   randaugment_layers, randaugment_magnitude: RandAugment (4, 5); 0 layers
     turns it off.
-  mixup_alpha, cutmix_alpha: Beta concentrations; 0 turns each off.
+  mixup_alpha, cutmix_alpha: Beta concentrations; 0 turns each off. Mixing
+    follows DeepMind's released recipe (deepmind-research
+    perceiver/train/dataset.py `load` and `my_mixup_cutmix`): each group of
+    two per-device batches (2n examples) makes one batch of n, half MixUp
+    (lam ~ Beta(mixup_alpha, mixup_alpha) per example) and half CutMix (box
+    proportion ~ Beta(cutmix_alpha, cutmix_alpha) per example, 1.0 as
+    released), every example mixed with another example of its group; with
+    one of them off, all n get the other. Training thus reads two examples
+    per example trained on. Details: `image_ops.mix_group`.
   eval_crop_fraction: centre crop as a fraction of the short side (224/256).
   shuffle_buffer: training shuffle buffer, in examples.
   deterministic: if True, tf.data keeps element order so a seed reproduces
@@ -198,15 +206,18 @@ def make_dataset(config: ml_collections.ConfigDict, split: str, *,
               example_seed, index), options)
 
     ds = ds.enumerate().map(train_map, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=True)
     if options['mixup_alpha'] > 0 or options['cutmix_alpha'] > 0:
+      # As released: groups of two per-device batches make one mixed one.
+      group_size = 2 * batch_dims[-1]
       mix_seed = tf.constant([seed, 2], tf.int64)
 
-      def mix_map(step, batch):
-        return _mix_batch(batch, tf.random.experimental.stateless_fold_in(
+      def mix_map(step, group):
+        return _mix_group(group, tf.random.experimental.stateless_fold_in(
             mix_seed, step), options, num_classes)
 
-      ds = ds.enumerate().map(mix_map, num_parallel_calls=tf.data.AUTOTUNE)
+      ds = ds.batch(group_size, drop_remainder=True).enumerate().map(
+          mix_map, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    ds = ds.batch(batch_size, drop_remainder=True)
   else:
     ds = ds.map(lambda ex: _eval_example(ex, options),
                 num_parallel_calls=tf.data.AUTOTUNE)
@@ -416,18 +427,19 @@ def _eval_example(example, options):
           'mask': tf.constant(1.0, tf.float32)}
 
 
-def _mix_batch(batch, seed, options, num_classes):
-  """CutMix then MixUp on a host batch [B, ...]; adds 'label_probs'."""
-  cutmix_seed, mixup_seed = image_ops.split_seed(seed, 2)
-  images = batch['inputs']
-  probs = tf.one_hot(batch['label'], num_classes, dtype=tf.float32)
-  if options['cutmix_alpha'] > 0:
-    images, probs = image_ops.cutmix(images, probs, cutmix_seed,
-                                     alpha=options['cutmix_alpha'])
-  if options['mixup_alpha'] > 0:
-    images, probs = image_ops.mixup(images, probs, mixup_seed,
-                                    alpha=options['mixup_alpha'])
-  return dict(batch, inputs=images, label_probs=probs)
+def _mix_group(group, seed, options, num_classes):
+  """MixUp/CutMix of 2n examples into n, as released (`image_ops.mix_group`).
+
+  Keeps each output's own 'label' (for accuracy, as the released metrics)
+  and adds 'label_probs' [n, K], the mixed one-hot labels.
+  """
+  mixed = image_ops.mix_group(
+      group['inputs'], group['label'], seed,
+      mixup_alpha=options['mixup_alpha'], cutmix_alpha=options['cutmix_alpha'])
+  probs = image_ops.mixed_label_probs(mixed['label'], mixed['mix_label'],
+                                      mixed['ratio'], num_classes)
+  return {'inputs': mixed['inputs'], 'label': mixed['label'],
+          'mask': tf.ones_like(mixed['ratio']), 'label_probs': probs}
 
 
 def _reshape(batch, batch_dims):

@@ -25,6 +25,11 @@ shared, e.g. gs://). Every process restores, reading the same directory.
 
 Preemption (`preemption.stop_requested()`) ends training through the
 experiment; jaxline's `train()` then saves the final checkpoint here.
+
+Damaged steps (checksums, undecodable files, NaN/inf arrays) are skipped for
+older ones, moved aside and never silently replaced by a fresh start;
+transient storage errors are retried (see `checkpoint_integrity`). Resuming
+with a trajectory-changing config is refused (see `config_record`).
 """
 
 import math
@@ -38,8 +43,13 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from perceiver_jax.training import checkpoint_integrity as integrity
+from perceiver_jax.training import config_record
 from perceiver_jax.training import jaxline_compat
+from perceiver_jax.training import logs
 from perceiver_jax.training import tree_io
+
+_LOG = logs.get_logger(__name__)
 
 LATEST = 'latest'
 BEST = 'best'
@@ -103,21 +113,27 @@ def restore_checkpoint(path: tree_io.PathLike) -> dict[str, Any]:
   if not path.exists():
     raise FileNotFoundError(f'Checkpoint path {path} does not exist.')
   if tree_io.is_step_dir(path):
-    step_dir = path
-    if not tree_io.is_complete_step(step_dir):
+    if not tree_io.is_complete_step(path):
       raise ValueError(
-          f'Checkpoint {step_dir} is incomplete (an interrupted write?); '
-          f'complete steps in {step_dir.parent}: '
-          f'{tree_io.complete_steps(step_dir.parent)}.')
-  else:
+          f'Checkpoint {path} is incomplete (an interrupted write?); '
+          f'complete steps in {path.parent}: '
+          f'{tree_io.complete_steps(path.parent)}.')
+    step_dirs = [path]
+  else:  # Newest first, falling back to older steps.
     series = _series_dir(path)
-    steps = tree_io.complete_steps(series)
-    if not steps:
-      raise FileNotFoundError(f'No complete checkpoint in {series}.')
-    step_dir = series / str(steps[-1])
+    step_dirs = [series / str(s) for s in
+                 reversed(tree_io.complete_steps(series))]
+    if not step_dirs:
+      raise FileNotFoundError(f'No complete checkpoint in {series}.' +
+                              integrity.quarantine_note(series))
   reader = tree_io.orbax_checkpointer(all_processes=False)
   try:
-    result = tree_io.read_step(step_dir, reader)
+    if len(step_dirs) == 1:  # Asked for by name: no fallback.
+      result = tree_io.read_step(step_dirs[0], reader)
+      integrity.check_finite(result['experiment_module'], step_dirs[0])
+    else:
+      result = integrity.read_first_good(
+          step_dirs, lambda d: tree_io.read_step(d, reader))
   finally:
     reader.close()  # Its asyncio machinery, not left to the collector.
   result['train_step_rng'] = tree_io.wrap_rng(result['train_step_rng'],
@@ -157,12 +173,22 @@ class DiskCheckpointer:
       config: jaxline config; uses checkpoint_dir, max_checkpoints_to_keep,
         best_checkpoints_to_keep (optional), best_model_eval_metric_higher_is_
         better, train_checkpoint_all_hosts and best_checkpoint_all_hosts.
-      mode: jaxline mode ('train', 'eval', ...).
+      mode: jaxline mode ('train', 'eval', ...); in 'train' the config is
+        checked on resume and written to config.json, and a fresh start
+        beside damaged steps is refused. Also reads checkpoint_allow_fresh_
+        start and checkpoint_allow_config_change (default False).
 
     Raises:
       ValueError: for an empty checkpoint_dir or a keep count below 1.
     """
-    del mode  # Train and eval checkpointers behave the same.
+    self._train = mode == 'train'
+    self._allow_fresh_start = bool(
+        config.get('checkpoint_allow_fresh_start', False))
+    self._allow_config_change = bool(
+        config.get('checkpoint_allow_config_change', False))
+    self._config = config_record.resolved(config)
+    self._config_written = False
+    self._started = False
     directory = config.get('checkpoint_dir')
     if not directory:
       raise ValueError(f'config.checkpoint_dir is {directory!r}: set it to a '
@@ -238,15 +264,37 @@ class DiskCheckpointer:
     if step_dir.exists():
       logging.warning('Overwriting checkpoint %s left by an earlier run.',
                       step_dir)
-    tree_io.write_step(step_dir, state, writer)
+    primary = jax.process_index() == 0
+    if primary and ckpt_series == LATEST:
+      self._prune(ckpt_series, room_for=step)  # A full disk fits keep steps.
+    self._record_config()
+    try:
+      tree_io.write_step(step_dir, state, writer, {'config': self._config})
+    except Exception as e:
+      if integrity.is_disk_full(e):
+        raise integrity.CheckpointError(integrity.disk_full_message(
+            step_dir, tree_io.array_bytes(state), e)) from e
+      raise
     known.add(step)
     logging.info('Saved checkpoint %s.', step_dir)
-    if jax.process_index() == 0:
+    if primary:
       self._prune(ckpt_series)
 
-  def _prune(self, ckpt_series: str) -> None:
+  def _record_config(self) -> None:
+    if self._train and not self._config_written and (
+        jax.process_index() == 0):
+      config_record.write_config_file(self._root, self._config)
+      self._config_written = True
+
+  def _prune(self, ckpt_series: str, room_for: Optional[int] = None) -> None:
+    """Keeps the best `keep` steps, or `keep - 1` (at least 1) besides
+    step `room_for`, about to be written: so a disk sized for `keep` steps
+    can take the next one."""
     keep = self._keep[ckpt_series]
-    steps = tree_io.complete_steps(self.series_dir(ckpt_series))
+    steps = [s for s in tree_io.complete_steps(self.series_dir(ckpt_series))
+             if s != room_for]
+    if keep is not None and room_for is not None:
+      keep = max(keep - 1, 1)  # Never none while the new one is written.
     if keep is None or len(steps) <= keep:
       return
     ranked = self._ranked(ckpt_series, steps)
@@ -283,53 +331,68 @@ class DiskCheckpointer:
                str(self._ranked(ckpt_series, steps)[0]))
 
   def can_be_restored(self, ckpt_series: str) -> bool:
-    return self.restore_path(ckpt_series) is not None
+    """Whether `restore` has a step to read.
+
+    Raises:
+      integrity.CheckpointError: on a train run's first call, if the series
+        has no step but damaged ones were moved aside (unless
+        checkpoint_allow_fresh_start): starting from scratch would hide them.
+    """
+    found = self.restore_path(ckpt_series) is not None
+    if (self._train and ckpt_series == LATEST and not self._started and
+        not found):
+      integrity.check_fresh_start(self.series_dir(LATEST),
+                                  self._allow_fresh_start)
+      self._record_config()
+    self._started = self._started or self._train
+    return found
 
   def restore(self, ckpt_series: str) -> None:
     """Loads the newest (best) complete step into the experiment state.
 
-    A step that cannot be read is logged as an error and the next one is
-    tried, so a damaged newest step costs progress, never a wrong model.
+    A damaged step (see `checkpoint_integrity`) is logged, moved aside and
+    the next one is tried, so a damaged newest step costs progress, never a
+    wrong model.
 
     Raises:
       FileNotFoundError: if the series has no complete step.
-      RuntimeError: if no step of the series can be read.
+      integrity.CheckpointError: if no step of the series can be read.
+      integrity.UnavailableCheckpointError: if the storage kept failing.
+      config_record.ConfigChangeError: (train) for a trajectory change.
     """
     series_dir = self.series_dir(ckpt_series)
     steps = tree_io.complete_steps(series_dir)
     if not steps:
       raise FileNotFoundError(f'No complete checkpoint in {series_dir}.')
-    errors = []
-    for step in self._ranked(ckpt_series, steps):
-      step_dir = series_dir / str(step)
-      try:
-        restored = tree_io.read_step(step_dir, self._reader)
-        break
-      except RuntimeError as e:
-        if not step_dir.exists():  # Pruned by a concurrent writer.
-          continue
-        logging.error('%s Trying an older one.', e)
-        errors.append(str(e))
-        if jax.process_index() == 0:
-          self._quarantine(step_dir)
-    else:
-      raise RuntimeError(f'No checkpoint in {series_dir} could be read:\n' +
-                         '\n'.join(errors))
+
+    def on_bad(step_dir, error):
+      if jax.process_index() == 0:
+        self._quarantine(step_dir, error.kind)
+
+    restored = integrity.read_first_good(
+        [series_dir / str(s) for s in self._ranked(ckpt_series, steps)],
+        lambda d: tree_io.read_step(d, self._reader), on_bad)
+    if self._train and ckpt_series == LATEST:
+      self._started = True
+      config_record.check_resume(restored['_meta'].get('config'),
+                                 self._config, restored['path'],
+                                 self._allow_config_change)
+      self._record_config()
     self._apply(ckpt_series, restored)
     self._known_steps.setdefault(ckpt_series, set()).add(
         restored['global_step'])
     logging.info('Restored checkpoint %s.', restored['path'])
 
-  def _quarantine(self, step_dir: epath.Path) -> None:
+  def _quarantine(self, step_dir: epath.Path, kind: str) -> None:
     """Moves a damaged step aside so that it is no longer listed.
 
     Otherwise it would stay the newest step, outlive the good steps saved
     after it under keep-last-K, and block re-saving its step number.
     """
-    target = step_dir.parent / f'{step_dir.name}.corrupt-{int(time.time())}'
+    target = step_dir.parent / f'{step_dir.name}.{kind}-{int(time.time())}'
     try:
       step_dir.rename(target)
-      logging.error('Moved damaged checkpoint %s to %s.', step_dir, target)
+      _LOG.warning('Moved damaged checkpoint %s to %s.', step_dir, target)
     except OSError as e:
       logging.error('Could not move damaged checkpoint %s aside: %s', step_dir,
                     e)

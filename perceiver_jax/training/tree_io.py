@@ -8,6 +8,10 @@ local path or gs://...) holds one directory per saved step::
   <step>/meta/                 JSON: global_step, best metric, bookkeeping
   <step>/commit_success.txt    written by orbax when the step is complete
 
+Integrity: the metadata also holds a CRC32 of every array
+(`checkpoint_integrity`), committed with the arrays and checked by
+`read_step`, and the resolved config of the run (`config_record`).
+
 Atomicity: orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>` and
 renames it once complete (on GCS, which cannot rename, it writes
 commit_success.txt last instead). A step counts only if its name is all digits
@@ -26,7 +30,7 @@ lazily initialised parameters exist.
 """
 
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 from absl import logging
 from etils import epath
@@ -34,6 +38,8 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from perceiver_jax.training import checkpoint_integrity as integrity
 
 _STATE = 'state'
 _META = 'meta'
@@ -43,6 +49,8 @@ _FORMAT_VERSION = 1
 _MISSING = object()
 
 PathLike = epath.PathLike
+
+integrity.install_orbax_loop_drain()
 
 
 # Pytree <-> nested dicts of NumPy arrays.
@@ -276,7 +284,8 @@ def _pack(state: ml_collections.ConfigDict
 
 
 def write_step(step_dir: epath.Path, state: ml_collections.ConfigDict,
-               writer: ocp.Checkpointer) -> None:
+               writer: ocp.Checkpointer,
+               extra_meta: Optional[Mapping[str, Any]] = None) -> None:
   """Writes jaxline's experiment state as the step directory `step_dir`.
 
   Args:
@@ -285,15 +294,25 @@ def write_step(step_dir: epath.Path, state: ml_collections.ConfigDict,
       `snapshot_state()` is saved), optional train_step_rng, and scalars or
       strings (e.g. best_eval_metric_value), kept in the metadata.
     writer: from `orbax_checkpointer`.
+    extra_meta: more JSON for the metadata (e.g. {'config': ...}).
 
   Raises:
     ValueError: for a state entry that is neither of these, or a snapshot
       that `to_nested_dict` rejects.
   """
   tree, meta = _pack(state)
+  # In the same commit as the arrays: a complete step always has them.
+  meta['checksums'] = integrity.checksums(tree)
+  meta.update(extra_meta or {})
   writer.save(step_dir, args=ocp.args.Composite(**{
       _STATE: ocp.args.StandardSave(tree),
       _META: ocp.args.JsonSave(meta)}), force=True)
+
+
+def array_bytes(state: ml_collections.ConfigDict) -> int:
+  """Bytes of the arrays `write_step` would write for `state`."""
+  return sum(np.asarray(leaf).nbytes
+             for _, leaf in integrity.flat_leaves(_pack(state)[0]))
 
 
 def read_meta(step_dir: epath.Path, reader: ocp.Checkpointer) -> dict:
@@ -303,9 +322,18 @@ def read_meta(step_dir: epath.Path, reader: ocp.Checkpointer) -> dict:
   )[_META]
 
 
+def _older_hint(step_dir: epath.Path) -> str:
+  older = [s for s in complete_steps(step_dir.parent)
+           if s < int(step_dir.name)] if step_dir.name.isdigit() else []
+  return (f' Restore the previous step instead: '
+          f'{step_dir.parent / str(older[-1])}' if older else '')
+
+
 def read_step(step_dir: epath.Path, reader: ocp.Checkpointer
               ) -> dict[str, Any]:
-  """Reads one complete step.
+  """Reads one complete step and verifies its checksums.
+
+  Transient storage errors are retried (`integrity.with_retries`).
 
   Args:
     step_dir: a complete step directory.
@@ -318,24 +346,33 @@ def read_step(step_dir: epath.Path, reader: ocp.Checkpointer
      raw metadata, plus the scalars and strings `write_step` kept}.
 
   Raises:
-    RuntimeError: if the step cannot be read; the message names the previous
-      step to try.
+    integrity.CorruptCheckpointError: if the files are missing, undecodable
+      or fail their checksums; the message names the previous step to try.
+    integrity.UnavailableCheckpointError: if the storage kept failing.
   """
-  try:
-    restored = reader.restore(step_dir, args=ocp.args.Composite(**{
+  def restore():
+    return reader.restore(step_dir, args=ocp.args.Composite(**{
         _STATE: ocp.args.StandardRestore(),
         _META: ocp.args.JsonRestore()}))
+
+  try:
+    restored = integrity.with_retries(restore, step_dir)
     state, meta = restored[_STATE], restored[_META]
     if not isinstance(meta, Mapping) or meta.get('format') != _FORMAT_VERSION:
       raise ValueError(f'unknown checkpoint metadata {meta!r}')
+    integrity.verify({k: state.get(k) for k in ('experiment_module',
+                                                'train_step_rng')},
+                     meta.get('checksums'), step_dir)
+  except integrity.UnavailableCheckpointError:
+    raise
+  except integrity.CorruptCheckpointError as e:
+    raise integrity.CorruptCheckpointError(
+        f'{e}{_older_hint(step_dir)}', e.kind) from e
   except Exception as e:  # pylint: disable=broad-exception-caught
-    older = [s for s in complete_steps(step_dir.parent)
-             if s < int(step_dir.name)]
-    hint = (' Restore the previous step instead: '
-            f'{step_dir.parent / str(older[-1])}' if older else '')
-    raise RuntimeError(
-        f'Checkpoint {step_dir} is unreadable or corrupt ({type(e).__name__}: '
-        f'{e}).{hint}') from e
+    logging.debug('Reading %s failed', step_dir, exc_info=True)
+    raise integrity.CorruptCheckpointError(
+        f'Checkpoint {step_dir} is unreadable or corrupt '
+        f'({integrity.one_line(e)}).{_older_hint(step_dir)}') from e
   snapshot = dict(state.get('experiment_module', {}))
   for name in meta['none_keys']:
     snapshot[name] = None

@@ -74,6 +74,11 @@ def test_write_step_then_read_step(tmp_path):
   assert read['global_step'] == 3 and read['best_eval_metric_value'] == 0.25
   assert read['path'] == str(series_dir / '3')
   assert read['experiment_module']['opt_state'] is None
+  # A CRC32 of every array, committed with it (checked by read_step).
+  assert set(read['_meta']['checksums']) == {'experiment_module/params/w',
+                                             'train_step_rng'}
+  assert read['_meta']['checksums']['experiment_module/params/w'].endswith(
+      ' float64[3]')
   np.testing.assert_array_equal(read['experiment_module']['params']['w'],
                                 np.arange(3.0))
   rng = tree_io.wrap_rng(read['train_step_rng'], read['_meta'])

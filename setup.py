@@ -28,6 +28,9 @@ setuptools.setup(
         'numpy>=1.26',
         'scikit-learn>=1.4',
         'h5py>=3.10',
+        # scripts/attention_maps.py and scripts/paper_table.py draw figures.
+        'pillow>=10.0',
+        'matplotlib>=3.8',
     ],
     package_data={'perceiver_jax.backends.cpu': ['csrc/*.cc', 'csrc/*.h'],
                   'perceiver_jax.data': ['imagenet2012_labels.txt']},
@@ -37,8 +40,11 @@ setuptools.setup(
         'cpu': ['scipy-openblas32>=0.3.27'],
         'cuda': ['jax[cuda12]>=0.10'],
         'tpu': ['jax[tpu]>=0.10'],
+        # gcp-storage-emulator and gcsfs: the gs:// tests' local GCS
+        # (tests/gcs_emulator.py).
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'scikit-image>=0.22',
-                 'av>=12.0', 'scipy-openblas32>=0.3.27'],
+                 'av>=12.0', 'scipy-openblas32>=0.3.27',
+                 'gcp-storage-emulator>=2024.8', 'gcsfs>=2024.6'],
         'audio': ['av>=12.0'],
         # scripts/benchmark.py --compare=hf. From PyPI torch brings CUDA
         # packages; its CPU wheel: --index-url https://download.pytorch.org/whl/cpu

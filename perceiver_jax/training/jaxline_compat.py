@@ -6,7 +6,7 @@ current API. This is the only place that touches jaxline internals; import
 jaxline through `import_jaxline()` (or call `install()` before first use).
 """
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -56,3 +56,13 @@ def import_jaxline():
   from jaxline import train  # pylint: disable=g-import-not-at-top,unused-import
   from jaxline import utils  # pylint: disable=g-import-not-at-top,unused-import
   return jaxline
+
+
+def use_writer(platform: Any, create_writer: Callable[[Any, str], Any]
+               ) -> None:
+  """Makes `jaxline.platform.main` log through `create_writer(config, mode)`.
+
+  jaxline's own factory writes with tf.summary; ours
+  (training/tensorboard.py) writes the same event files through epath.
+  """
+  platform.create_writer = create_writer

@@ -39,6 +39,36 @@ Presets (comma-separated after ':'):
   bench_b     benchmark: 128x128 images (M = 16,384), 256 x 512 latents,
               otherwise bench_a, batch 8; cross-attention in chunks of 4,096
               inputs (same results; bounds the reference ops' memory).
+  baseline=resnet50|resnet50_ff|vit_b16|vit_b16_ff|transformer_64_ff
+              P1 Tab. 1's baselines, through the same experiment, data
+              pipeline and preprocessor as the Perceiver (models.py,
+              model.type); the _ff rows concatenate the Perceiver's Fourier
+              features (64 bands, max resolution 224) to RGB: 261 channels.
+                resnet50           hk.nets.ResNet ResNet-50 (BatchNorm state),
+                                   RGB: 25,557,032 params; 77.6% (P1, cited).
+                resnet50_ff        the 261-channel input feeds the stem:
+                                   25.6M params; 73.5%.
+                vit_b16            ViT-B/16 (class token, learned position
+                                   embeddings, 12 x 768, 12 heads, MLP 3072):
+                                   86,567,656 params; 77.9% (P1, cited).
+                vit_b16_ff         Fourier features concatenated before
+                                   patching (16 x 16 x 261 per patch): 76.7%.
+                transformer_64_ff  a Transformer over the 4,096 pixels of the
+                                   image downsampled to 64x64 (in the data
+                                   pipeline: data.image_size=64, the crop
+                                   resized bicubically), + Fourier features
+                                   (32 bands, max resolution 64: 133
+                                   channels); 57.0%.
+              Choices P1 leaves open (ours): the Transformer is 6 pre-LN
+              layers of width 512, 8 heads, MLP widening 1, mean-pooled then
+              a linear head; all baselines train with THIS file's Perceiver
+              recipe (LAMB 4e-3 with the epoch-84/102/114 step decay over 120
+              epochs, batch 1024, weight decay 0.1, clip 10, label smoothing
+              0.1, RandAugment 4/5), so that only the architecture differs
+              from the Perceiver row. LAMB trains ResNet-50 at large batch
+              (You et al. 2020); the cited 77.6 / 77.9 rows came from their
+              own papers' recipes (SGD / Adam), which this does not copy.
+              With debug: 16x16 images and tiny networks of the same kind.
   debug       16x16 images, a tiny model and a few steps (tests).
   seed=N      initialisation / data-order seed.
 
@@ -109,6 +139,66 @@ def image_model(*, image_size: int, num_freq_bands: int = 64,
   ))
 
 
+BASELINES = ('resnet50', 'resnet50_ff', 'vit_b16', 'vit_b16_ff',
+             'transformer_64_ff')
+
+
+def baseline_model(baseline: str, *, image_size: int,
+                   permutation_seed: Optional[int] = None,
+                   debug: bool = False) -> ml_collections.ConfigDict:
+  """The model section of a P1 baseline (models.py, modules/baselines.py).
+
+  The preprocessor is the Perceiver's pixels preprocessor: for the _ff rows
+  the 2D Fourier features of configs/imagenet.py (64 bands, max resolution
+  = the image size; 32 bands for the 64x64 Transformer, as bench_a),
+  concatenated, then the permutation if any; the ResNet and the ViT reshape
+  the [M, C] array back to the [H, W, C] grid.
+
+  Args:
+    baseline: one of BASELINES.
+    image_size: side of the square images fed (224; 64 for the Transformer;
+      16 with debug).
+    permutation_seed: see perceiver_jax/models.py.
+    debug: tiny sizes of the same structure.
+  """
+  if baseline not in BASELINES:
+    raise ValueError(f'Unknown baseline {baseline!r}; expected one of '
+                     f'{BASELINES}.')
+  kind = baseline.split('_')[0]
+  fourier = baseline.endswith('_ff')
+  bands = 32 if kind == 'transformer' else 64
+  preprocessor = dict(
+      type='image', prep_type='pixels',
+      position_encoding_type='fourier' if fourier else 'none',
+      num_freq_bands=4 if debug else bands,
+      max_resolution=(image_size, image_size),
+      permutation_seed=permutation_seed)
+  if kind == 'resnet50':
+    network = dict(blocks_per_group=(3, 4, 6, 3),
+                   channels_per_group=(256, 512, 1024, 2048),
+                   bottleneck=True, initial_conv_channels=64,
+                   initial_conv_kernel_shape=7, initial_conv_stride=2,
+                   strides=(1, 2, 2, 2))
+    if debug:
+      network.update(blocks_per_group=(1, 1, 1, 1),
+                     channels_per_group=(8, 8, 16, 16), bottleneck=False,
+                     initial_conv_channels=8)
+  elif kind == 'vit':
+    network = dict(patch_size=16, hidden_size=768, num_layers=12,
+                   num_heads=12, widening_factor=4, dropout_prob=0.0)
+    if debug:
+      network.update(patch_size=4, hidden_size=16, num_layers=1, num_heads=2)
+  else:
+    network = dict(hidden_size=512, num_layers=6, num_heads=8,
+                   widening_factor=1, dropout_prob=0.0)
+    if debug:
+      network.update(hidden_size=16, num_layers=1, num_heads=2)
+  return ml_collections.ConfigDict(dict(
+      type='resnet' if kind == 'resnet50' else kind,
+      preprocessor=preprocessor,
+      network=dict(num_classes=NUM_CLASSES, **network), backend='auto'))
+
+
 def released_preprocessor(prep: str, pos: str,
                           permutation_seed: Optional[int] = None
                           ) -> ml_collections.ConfigDict:
@@ -162,7 +252,9 @@ def imagenet_data(image_size: int = 224) -> ml_collections.ConfigDict:
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   options = common.parse_arg(arg, one_cross=False, unshared=False, p2=False,
                              prep='pixels', pos='fourier', bench_a=False,
-                             bench_b=False, debug=False, seed=0)
+                             bench_b=False, baseline='', debug=False, seed=0)
+  check_baseline(options, arg, others=('one_cross', 'unshared', 'p2',
+                                       'bench_a', 'bench_b'))
   if options.prep not in ('pixels', 'conv'):
     raise ValueError(f"prep must be 'pixels' or 'conv', got {options.prep!r}.")
   if options.pos not in ('fourier', 'learned'):
@@ -174,7 +266,27 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
                      f'use them with p2 (got {arg!r}).')
   if released == ('conv', 'learned'):
     raise ValueError('No released model has prep=conv with pos=learned.')
-  return build_config(options, name='imagenet')
+  name = f'imagenet_{options.baseline}' if options.baseline else 'imagenet'
+  return build_config(options, name=name)
+
+
+def check_baseline(options: ml_collections.ConfigDict, arg: Optional[str],
+                   others: tuple[str, ...]) -> None:
+  """Raises ValueError for an unknown baseline or one with Perceiver presets.
+  """
+  if not options.baseline:
+    return
+  if options.baseline not in BASELINES:
+    raise ValueError(f'Unknown baseline {options.baseline!r}; expected one '
+                     f'of {BASELINES}.')
+  clash = [name for name in others if options.get(name)]
+  if options.get('pos', 'fourier') != 'fourier':
+    clash.append('pos')
+  if options.get('prep', 'pixels') != 'pixels':
+    clash.append('prep')
+  if clash:
+    raise ValueError(f'baseline= excludes the Perceiver presets {clash} '
+                     f'(got {arg!r}).')
 
 
 def build_config(options: ml_collections.ConfigDict, *, name: str,
@@ -224,9 +336,23 @@ def build_config(options: ml_collections.ConfigDict, *, name: str,
       data = imagenet_data(size)
       batch_size = batch
 
+  baseline = options.get('baseline')
+  if baseline:
+    # The Transformer's 64x64 images come from the data pipeline: its crop
+    # is resized to data.image_size (bicubic), in training and evaluation.
+    size = 64 if baseline.startswith('transformer') else 224
+    size = 16 if options.debug else size
+    model = baseline_model(baseline, image_size=size,
+                           permutation_seed=permutation_seed,
+                           debug=options.debug)
+    data = imagenet_data(size)
+
   training_steps = num_epochs * NUM_TRAIN // batch_size
   eval_batch_size = 1000
-  if options.debug:
+  if options.debug and baseline:
+    data.update(randaugment_layers=1)
+    batch_size, eval_batch_size, training_steps = 16, 16, 4
+  elif options.debug:
     # Shrink every size but keep the presets' structure (cross-attend count,
     # sharing, decoder, position encoding).
     encoder = model.encoder

@@ -54,6 +54,16 @@ The data section holds every field of perceiver_jax/data/modelnet40.py's
 `default_config()` (documented there) with the paper's values, kept as
 literals so that loading a config imports no data code.
 
+Baselines (P1 Tab. 4: PointNet++ 91.9, ResNet-50 (FF) 66.3, ViT-B-2 (FF)
+78.9, Transformer (44x44) 82.1) are not built here. P1 says only that the
+generic baselines of the earlier sections take Fourier-feature encodings of
+the positions, and that this data has no natural grid. It does not say how
+a point set becomes the image a ResNet-50 or a ViT with 2x2 patches
+needs (which points go to which grid cell, in what order, with what
+resolution), nor whether "44x44" means 1,936 points given to a Transformer
+as a set or a rasterised 44x44 grid. Any choice would be ours, not the
+paper's, and its numbers would not be P1's rows.
+
 Deviations: weight decay 0.1 / clip 10 / label smoothing 0.1 follow the
 ImageNet settings ("otherwise the ImageNet settings", P1 Sec. 4.4); the
 387-channel input without other features is inferred.

@@ -1,6 +1,10 @@
-"""Builds a Perceiver from the `model` section of a config.
+"""Builds a Perceiver or one of P1's baselines from a `model` config section.
 
-The section has three parts, each a ConfigDict whose fields are the
+`type` (default 'perceiver') picks the model: 'perceiver', or a baseline of
+P1 Tab. 1, 2 and 4 (MODEL_TYPES; perceiver_jax/modules/baselines.py):
+'resnet' (hk.nets.ResNet; ResNet-50 by default), 'vit' or 'transformer' (a
+Transformer over the M inputs as a set). A Perceiver's section has three
+parts, each a ConfigDict whose fields are the
 constructor arguments of the chosen class:
   preprocessor: `type` in PREPROCESSORS (+ `permutation_seed`, see below);
     for `type='multimodal'`, `modalities` maps names to such sections.
@@ -21,9 +25,16 @@ of dict-valued inputs (e.g. 'audio' of an AudioSet batch). The model's own
 preprocessor keeps Fourier position features apart from the per-example
 channels where it can (`byte_array`): same outputs, less memory.
 
-State: a model with BatchNorm (an image preprocessor with prep_type='conv'
-and conv_norm='batch_norm', the released conv model) keeps its moving
-averages as Haiku state (`has_state`). `make_forward_with_state` builds any
+A baseline's section has `preprocessor` (as above: the Perceiver's byte
+array, Fourier features and permutation; for 'resnet' and 'vit' an image
+preprocessor with prep_type='pixels', whose permuted [M, C] array the
+network reshapes back to the [H, W, C] grid, P1 Sec. 4.2) and `network`
+(the network's constructor arguments, num_classes among them; the grid
+comes from the input), plus `backend`.
+
+State: a model with BatchNorm (a ResNet baseline, or an image preprocessor
+with prep_type='conv' and conv_norm='batch_norm', the released conv model)
+keeps its moving averages as Haiku state (`has_state`). `make_forward_with_state` builds any
 model; `make_forward` builds stateless ones and refuses the others.
 """
 
@@ -36,6 +47,7 @@ import ml_collections
 
 from perceiver_jax import ops
 from perceiver_jax.modules import audio_video
+from perceiver_jax.modules import baselines
 from perceiver_jax.modules import multimodal
 from perceiver_jax.modules import perceiver
 from perceiver_jax.modules import point_cloud
@@ -51,6 +63,17 @@ PREPROCESSORS: Mapping[str, Callable[..., Any]] = {
 # Those that can keep Fourier position features apart from the per-example
 # channels (`ops.byte_array.SplitByteArray`); build_model asks them to.
 SPLITS_POSITIONS = ('image', 'audio', 'spectrogram', 'video')
+
+BASELINES: Mapping[str, Callable[..., Any]] = {
+    'resnet': baselines.ResNet,
+    'vit': baselines.ViT,
+    'transformer': baselines.PixelTransformer,
+}
+MODEL_TYPES = ('perceiver',) + tuple(BASELINES)
+# Baselines that read the byte array as the image grid (a `grid` argument).
+GRID_BASELINES = ('resnet', 'vit')
+# Baselines with Haiku state (BatchNorm's moving averages).
+STATEFUL_BASELINES = ('resnet',)
 
 DECODERS: Mapping[str, Callable[..., Any]] = {
     'average': perceiver.AverageDecoder,
@@ -126,8 +149,54 @@ def build_preprocessor(section: ml_collections.ConfigDict,
   return module
 
 
-def build_model(config: ml_collections.ConfigDict) -> perceiver.Perceiver:
-  """Returns the Perceiver of `config` (the model section); call in hk."""
+def model_type(config: ml_collections.ConfigDict) -> str:
+  """The `type` of a model section ('perceiver' when absent).
+
+  Raises:
+    ValueError: for a type not in MODEL_TYPES.
+  """
+  kind = config.get('type', 'perceiver')
+  if kind not in MODEL_TYPES:
+    raise ValueError(f'Unknown model type {kind!r}; expected one of '
+                     f'{MODEL_TYPES}.')
+  return kind
+
+
+def build_baseline(config: ml_collections.ConfigDict) -> baselines.Baseline:
+  """Returns the baseline of `config` (the model section); call in hk.
+
+  Raises:
+    ValueError: a grid baseline whose preprocessor does not feed one byte
+      array entry per pixel.
+  """
+  kind = model_type(config)
+  pre = config.preprocessor
+  if kind in GRID_BASELINES and (pre.type != 'image' or
+                                 pre.get('prep_type', 'pixels') != 'pixels'):
+    raise ValueError(
+        f'model.type={kind!r} reshapes the byte array to the image grid: it '
+        "needs preprocessor.type='image' with prep_type='pixels', got "
+        f"type={pre.type!r}, prep_type={pre.get('prep_type')!r}.")
+  cls = BASELINES[kind]
+  kwargs = _kwargs(config.network)
+
+  def make_network(grid):
+    if kind in GRID_BASELINES:
+      return cls(grid=grid, name=kind, **kwargs)
+    return cls(name=kind, **kwargs)
+
+  return baselines.Baseline(
+      build_preprocessor(pre, name='preprocessor'), make_network,
+      name='baseline')
+
+
+def build_model(config: ml_collections.ConfigDict):
+  """Returns the model of `config` (the model section); call in hk.
+
+  A `perceiver.Perceiver`, or for a baseline type a `baselines.Baseline`.
+  """
+  if model_type(config) != 'perceiver':
+    return build_baseline(config)
   decoder_cls = _lookup(DECODERS, config.decoder.type, 'decoder')
   return perceiver.Perceiver(
       preprocessor=build_preprocessor(config.preprocessor,
@@ -153,6 +222,8 @@ def _check_no_removed_fields(config: ml_collections.ConfigDict) -> None:
 
 def has_state(config: ml_collections.ConfigDict) -> bool:
   """Whether the model of a model section has Haiku state (BatchNorm)."""
+  if model_type(config) in STATEFUL_BASELINES:
+    return True
 
   def stateful(section):
     if section.type == 'multimodal':
@@ -190,9 +261,9 @@ def make_forward(config: ml_collections.ConfigDict) -> hk.Transformed:
   if has_state(config):
     raise ValueError(
         'This model has Haiku state (BatchNorm moving averages: '
-        "preprocessor.conv_norm='batch_norm'); build it with "
-        'models.make_forward_with_state(config), whose init returns '
-        '(params, state) and apply takes and returns the state.')
+        "preprocessor.conv_norm='batch_norm', or model.type='resnet'); "
+        'build it with models.make_forward_with_state(config), whose init '
+        'returns (params, state) and apply takes and returns the state.')
   return hk.transform(_forward_fn(config))
 
 

@@ -3,9 +3,12 @@ r"""Prints a model's size, cost and training memory as one JSON line.
   python scripts/model_summary.py --config=configs/imagenet.py[:preset] \
       [--batch_size=16] [--platform=tpu] [--capacity_gib=16]
 
-Fields: params (count), params_m (millions), forward_flops (per example,
-2 per multiply-add of every matrix product, from the traced jaxpr), gflops,
-byte_array ([M, C] fed to the encoder) and num_latents x latent_dim. Uses
+Fields: model (type: perceiver, or P1's baselines resnet / vit /
+transformer, e.g. --config=configs/imagenet.py:baseline=resnet50), params
+(count), params_m (millions), forward_flops (per example, 2 per
+multiply-add of every matrix product and convolution, from the traced
+jaxpr), gflops, byte_array ([M, C] fed to the encoder or the baseline) and,
+for a Perceiver, latents (num_latents x latent_dim). Uses
 jax.eval_shape / make_jaxpr only, so paper-scale models take seconds on CPU.
 
 --batch_size adds training_memory: bytes per device of one training step at

@@ -155,3 +155,73 @@ def test_unknown_and_removed_backend_fields_are_rejected():
     with pytest.raises(ValueError,
                        match=rf'model.{old} was removed; set model.backend'):
       models.make_forward(config)
+
+
+# P1's baselines at 3 channels and 1,000 classes (hk.nets' ResNet-50; ViT-B/16
+# of Dosovitskiy et al. 2021), counted from shapes by model_summary.
+BASELINE_PARAMS = {'baseline=resnet50': 25_557_032,
+                   'baseline=vit_b16': 86_567_656}
+
+
+@pytest.mark.parametrize('arg', sorted(BASELINE_PARAMS))
+def test_baseline_paper_sizes(arg):
+  exp = test_configs._load('imagenet.py', arg).experiment_kwargs.config  # pylint: disable=protected-access
+  summary = summary_lib.summarize(exp)
+  assert summary['params'] == BASELINE_PARAMS[arg]
+  assert summary['params_m'] == round(BASELINE_PARAMS[arg] / 1e6, 2)
+  assert summary['byte_array'] == [224 * 224, 3]
+  assert 'latents' not in summary
+  # Their published costs: ResNet-50 4.1 and ViT-B/16 17.6 G multiply-adds.
+  gmacs = {'baseline=resnet50': 4.1, 'baseline=vit_b16': 17.6}[arg]
+  assert abs(summary['forward_flops'] / 2e9 / gmacs - 1) < 0.03, summary
+
+
+def test_fourier_features_feed_the_baselines():
+  """261 channels: the ResNet's stem and the ViT's patch embedding widen."""
+  for arg, extra in (('baseline=resnet50_ff', 7 * 7 * 258 * 64),
+                     ('baseline=vit_b16_ff', 16 * 16 * 258 * 768)):
+    exp = test_configs._load('imagenet.py', arg).experiment_kwargs.config  # pylint: disable=protected-access
+    model = exp.model
+    forward = summary_lib.make_forward(model)
+    params = jax.eval_shape(
+        lambda x, m=forward: m.init(jax.random.key(0), x, is_training=False),
+        summary_lib.input_spec(exp.data))
+    count = sum(x.size for x in jax.tree.leaves(params))
+    assert count == BASELINE_PARAMS[arg[:-3]] + extra
+
+
+def test_resnet_baseline_has_state():
+  from perceiver_jax import models  # pylint: disable=g-import-not-at-top
+  model = test_configs._load('digits.py', 'baseline=resnet,debug').experiment_kwargs.config.model  # pylint: disable=protected-access
+  assert models.has_state(model)
+  with pytest.raises(ValueError, match='make_forward_with_state'):
+    models.make_forward(model)
+  forward = models.make_forward_with_state(model)
+  images = jax.ShapeDtypeStruct((4, 8, 8, 1), jax.numpy.float32)
+  params, state = jax.eval_shape(
+      lambda x: forward.init(jax.random.key(0), x, is_training=True), images)
+  assert any('batchnorm' in name for name in state)
+  logits, new_state = jax.eval_shape(
+      lambda p, s, x: forward.apply(p, s, None, x, is_training=True),
+      params, state, images)
+  assert logits.shape == (4, 10)
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)
+  for kind in ('vit_ff', 'transformer_ff'):
+    assert not models.has_state(test_configs._load(  # pylint: disable=protected-access
+        'digits.py', f'baseline={kind}').experiment_kwargs.config.model)
+
+
+def test_bad_baseline_sections_are_reported():
+  from perceiver_jax import models  # pylint: disable=g-import-not-at-top
+  model = test_configs._load('digits.py', 'baseline=vit_ff,debug').experiment_kwargs.config.model  # pylint: disable=protected-access
+  images = jax.numpy.zeros((1, 8, 8, 1))
+  bad_type = model.copy_and_resolve_references()
+  bad_type.type = 'mlp'
+  with pytest.raises(ValueError, match="Unknown model type 'mlp'"):
+    models.make_forward(bad_type).init(jax.random.key(0), images,
+                                       is_training=False)
+  patches = model.copy_and_resolve_references()
+  patches.preprocessor.prep_type = 'patches'
+  with pytest.raises(ValueError, match="prep_type='pixels'"):
+    models.make_forward(patches).init(jax.random.key(0), images,
+                                      is_training=False)

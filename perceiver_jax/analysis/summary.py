@@ -1,7 +1,9 @@
 """A model's size and cost from its config, without running it.
 
 `summarize` traces the model with jax.eval_shape / make_jaxpr only, so
-paper-scale models take seconds on a CPU.
+paper-scale models take seconds on a CPU. It counts Perceivers and P1's
+baselines (model.type 'resnet', 'vit', 'transformer'; models.py) alike;
+FLOPs include convolutions (analysis/flops.py).
 """
 
 from typing import Any
@@ -56,8 +58,13 @@ def input_spec(data_config, batch_size: int = 1) -> Any:
 
 
 def paper_formulation(model_config):
-  """The model section with the paper's (direct, unshared-input) attention."""
+  """The model section with the paper's (direct, unshared-input) attention.
+
+  A baseline has no cross-attention to reformulate: its section unchanged.
+  """
   model_config = model_config.copy_and_resolve_references()
+  if models.model_type(model_config) != 'perceiver':
+    return model_config
   with model_config.unlocked():
     model_config.encoder.cross_attention = 'direct'
     model_config.encoder.reuse_shared_inputs = False
@@ -78,7 +85,9 @@ def summarize(experiment_config) -> dict[str, Any]:
   """Parameter count, forward FLOPs per example and byte array shape.
 
   forward_flops counts the formulation that runs (exact reformulations of
-  cross-attention included); paper_forward_flops the paper's direct one.
+  cross-attention included); paper_forward_flops the paper's direct one
+  (the same for a baseline). 'model' is the model type; 'latents' [N, D]
+  is given for a Perceiver only.
   """
   model_config = experiment_config.model
   inputs = input_spec(experiment_config.data)
@@ -98,8 +107,8 @@ def summarize(experiment_config) -> dict[str, Any]:
   (byte_array, _), _ = jax.eval_shape(
       lambda p, s, x: preprocess.apply(p, s, rng, x, False), pre_params,
       pre_state, inputs)
-  encoder = model_config.encoder
-  return {
+  result = {
+      'model': models.model_type(model_config),
       'params': num_params,
       'params_m': round(num_params / 1e6, 2),
       'forward_flops': run_flops,
@@ -107,5 +116,8 @@ def summarize(experiment_config) -> dict[str, Any]:
       'paper_forward_flops': paper_flops,
       'paper_gflops': round(paper_flops / 1e9, 1),
       'byte_array': list(byte_array.shape[1:]),
-      'latents': [encoder.num_latents, encoder.latent_dim],
   }
+  if result['model'] == 'perceiver':
+    encoder = model_config.encoder
+    result['latents'] = [encoder.num_latents, encoder.latent_dim]
+  return result

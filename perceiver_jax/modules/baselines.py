@@ -13,8 +13,9 @@ they need: a permutation scrambles that grid, which is what P1 Tab. 2
 measures. The Transformer reads the M positions as a set, as the Perceiver
 does, so a permutation does not change what it computes.
 
-  ResNet50    Haiku's `hk.nets.ResNet50` on the grid (25.56M parameters at
-              3 channels and 1,000 classes). Its BatchNorm has state.
+  ResNet      Haiku's `hk.nets.ResNet` on the grid; ResNet50 is ResNet-50
+              (25.56M parameters at 3 channels and 1,000 classes). Its
+              BatchNorm has state.
   ViT         ViT (Dosovitskiy et al. 2021): non-overlapping patches, a
               linear patch embedding, a class token, learned position
               embeddings, pre-LN Transformer blocks, a final LayerNorm and a
@@ -24,9 +25,14 @@ does, so a permutation does not change what it computes.
               pixels with Fourier features, M = 4,096): a linear input
               projection to D, the blocks, a final LayerNorm, the average
               over positions and a linear head.
+
+`Baseline` puts a preprocessor (that of the Perceiver: the same byte array,
+the same permutation) in front of one of these networks; it is the model
+`perceiver_jax.models.build_model` returns for a baseline config, and the
+class a mixed-precision policy is keyed on (training/precision.py).
 """
 
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import haiku as hk
 import jax
@@ -34,6 +40,7 @@ import jax.numpy as jnp
 
 from perceiver_jax.modules import attention
 from perceiver_jax.modules import preprocessors
+from perceiver_jax.ops import byte_array
 
 
 def _to_grid(inputs: jax.Array, grid: Sequence[int]) -> jax.Array:
@@ -56,19 +63,60 @@ def _check_positive(**values: int) -> None:
     raise ValueError(f'Expected positive values, got {bad}.')
 
 
-class ResNet50(hk.Module):
-  """`hk.nets.ResNet50` on the byte array reshaped to its grid."""
+class ResNet(hk.Module):
+  """`hk.nets.ResNet` on the byte array reshaped to its grid.
+
+  The stem (initial conv, BatchNorm, ReLU, 3x3/2 max-pool) and the four
+  block groups are Haiku's; the `initial_conv_*` sizes and `strides` let
+  small images (8x8 digits) keep some spatial extent.
+  Defaults: ResNet-50.
+  """
 
   def __init__(self, num_classes: int, grid: Sequence[int],
+               blocks_per_group: Sequence[int] = (3, 4, 6, 3),
+               channels_per_group: Sequence[int] = (256, 512, 1024, 2048),
+               bottleneck: bool = True, initial_conv_channels: int = 64,
+               initial_conv_kernel_shape: int = 7,
+               initial_conv_stride: int = 2,
+               strides: Sequence[int] = (1, 2, 2, 2),
                name: Optional[str] = None):
+    """Initialises the module.
+
+    Raises:
+      ValueError: non-positive sizes, or group settings not of length 4.
+    """
     super().__init__(name=name)
-    _check_positive(num_classes=num_classes)
+    _check_positive(num_classes=num_classes,
+                    initial_conv_channels=initial_conv_channels,
+                    initial_conv_kernel_shape=initial_conv_kernel_shape,
+                    initial_conv_stride=initial_conv_stride)
+    for what, values in (('blocks_per_group', blocks_per_group),
+                         ('channels_per_group', channels_per_group),
+                         ('strides', strides)):
+      if len(values) != 4 or min(values) < 1:
+        raise ValueError(f'{what} must be 4 positive integers (one per '
+                         f'block group), got {tuple(values)}.')
     self._grid = tuple(grid)
-    self._net = hk.nets.ResNet50(num_classes, name='resnet50')
+    self._net = hk.nets.ResNet(
+        blocks_per_group=tuple(blocks_per_group), num_classes=num_classes,
+        bottleneck=bottleneck, channels_per_group=tuple(channels_per_group),
+        initial_conv_config=dict(output_channels=initial_conv_channels,
+                                 kernel_shape=initial_conv_kernel_shape,
+                                 stride=initial_conv_stride),
+        strides=tuple(strides), name='resnet')
 
   def __call__(self, inputs: jax.Array, *, is_training: bool) -> jax.Array:
     """[B, M, C] -> logits [B, K]."""
     return self._net(_to_grid(inputs, self._grid), is_training=is_training)
+
+
+class ResNet50(ResNet):
+  """ResNet-50 (He et al. 2016) on the byte array's grid: 25,557,032
+  parameters at 3 channels and 1,000 classes."""
+
+  def __init__(self, num_classes: int, grid: Sequence[int],
+               name: Optional[str] = None):
+    super().__init__(num_classes, grid, name=name)
 
 
 class Transformer(hk.Module):
@@ -170,3 +218,31 @@ class PixelTransformer(hk.Module):
     x = self._transformer(x, is_training=is_training)  # [B, M, D]
     return attention.Dense(name='head')(jnp.mean(x, axis=1),
                                         self._num_classes)
+
+
+class Baseline(hk.Module):
+  """A preprocessor, then a baseline network: images [B, H, W, F] -> [B, K].
+
+  The preprocessor is the Perceiver's (pixels, Fourier features, and for
+  permuted ImageNet the fixed permutation after them), so a baseline sees
+  the very byte array [B, M, C] a Perceiver would. The network is made by
+  `make_network(grid)` once the input's grid (H, W) is known: the conv and
+  patch models reshape the byte array back to it.
+  """
+
+  def __init__(self, preprocessor: Callable[..., Any],
+               make_network: Callable[[tuple[int, ...]], Callable[..., Any]],
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    self._preprocessor = preprocessor
+    self._make_network = make_network
+
+  def __call__(self, inputs: jax.Array, *, is_training: bool) -> jax.Array:
+    """Images [B, *grid, F] -> logits [B, K]."""
+    grid = tuple(inputs.shape[1:-1])
+    x, mask = self._preprocessor(inputs, is_training=is_training)
+    if mask is not None:
+      raise ValueError('The baselines take unpadded grids; the preprocessor '
+                       'returned a padding mask.')
+    x = byte_array.dense(x)  # [B, M, C]
+    return self._make_network(grid)(x, is_training=is_training)  # [B, K]

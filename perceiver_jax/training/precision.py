@@ -1,7 +1,10 @@
 """Mixed-precision policies (haiku + jmp), set once by the experiment.
 
-Modules hold no dtype logic; `apply_policy(config.training.precision,
-[perceiver.Perceiver])` decides for all of them:
+Modules hold no dtype logic; `apply_policy(compute_dtype, MODEL_CLASSES)`
+decides for all of them. MODEL_CLASSES are the top-level model classes
+`models.build_model` returns: `perceiver.Perceiver` and P1's baselines
+(`baselines.Baseline`, which holds the ResNet, ViT or Transformer and its
+preprocessor), so every model trains under the same policy:
 
 - 'auto': 'bfloat16' on GPU and TPU, 'float32' on CPU (`resolve`, from
   the platform of the devices the experiment trains on; XLA:CPU has no fast
@@ -11,13 +14,15 @@ Modules hold no dtype logic; `apply_policy(config.training.precision,
   float32 (so are the gradients and the optimizer state, which follow the
   parameters), inputs and parameters are cast to bfloat16 for compute, and
   the outputs (logits) come back in float32 for the loss. Normalisation
-  layers (LayerNorm, BatchNorm) compute in float32 (mean and variance
-  in bfloat16 lose too much) and hand bfloat16 back to the model.
+  layers (LayerNorm, BatchNorm: the ResNet's too) compute in float32 (mean
+  and variance in bfloat16 lose too much) and hand bfloat16 back to the
+  model.
 
 Attention softmax must run in float32 too: a policy applies to whole module
 classes, so it cannot reach inside the attention function;
 perceiver_jax/modules/attention.py upcasts the logits itself before the
-softmax. Fourier position features should likewise be computed in float32
+softmax (the ViT and Transformer baselines use the same attention).
+Fourier position features should likewise be computed in float32
 (or NumPy) and only then cast: their phases reach pi * mu / 2, far beyond
 what bfloat16's 8-bit mantissa resolves.
 
@@ -34,10 +39,16 @@ import haiku as hk
 import jmp
 
 from perceiver_jax.modules import attention
+from perceiver_jax.modules import baselines
+from perceiver_jax.modules import perceiver
 
 PRECISIONS = ('auto', 'float32', 'bfloat16')
 # What the policies below are applied with: 'auto' resolved.
 COMPUTE_DTYPES = ('float32', 'bfloat16')
+
+# The top-level classes of every model models.build_model makes.
+MODEL_CLASSES: tuple[type[hk.Module], ...] = (perceiver.Perceiver,
+                                              baselines.Baseline)
 
 # Statistics layers that must compute in float32 under a bfloat16 policy.
 NORM_CLASSES: tuple[type[hk.Module], ...] = (
@@ -90,7 +101,7 @@ def apply_policy(compute_dtype: str,
   Args:
     compute_dtype: 'float32' or 'bfloat16'.
     model_classes: top-level hk.Module classes whose instances (and all their
-      submodules) follow the policy, e.g. [perceiver.Perceiver].
+      submodules) follow the policy, e.g. MODEL_CLASSES.
 
   Raises:
     ValueError: for an unknown dtype, or a class that is not an hk.Module

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from perceiver_jax.modules import baselines
+from perceiver_jax.modules import preprocessors
 
 
 def _count(make, inputs_shape):
@@ -82,3 +83,90 @@ def test_bad_shapes_are_reported():
                                               num_heads=4), x)
   with pytest.raises(ValueError, match='grid'):
     _apply(_small_models()['vit'], jnp.zeros((1, 60, 3)))
+
+
+def _small_resnet():
+  return baselines.ResNet(
+      10, (8, 8), blocks_per_group=(1, 1, 1, 1),
+      channels_per_group=(4, 4, 8, 8), bottleneck=False,
+      initial_conv_channels=4, initial_conv_kernel_shape=3,
+      initial_conv_stride=1, strides=(1, 2, 2, 1))
+
+
+def test_small_resnet_shapes_and_state():
+  transformed = hk.transform_with_state(
+      lambda x: _small_resnet()(x, is_training=True))
+  x = jax.random.normal(jax.random.key(1), (3, 64, 19))
+  params, state = transformed.init(jax.random.key(0), x)
+  # A 3x3 stem on 19 channels, no bias.
+  assert params['res_net/~/resnet/~/initial_conv']['w'].shape == (3, 3, 19, 4)
+  assert any('batchnorm' in name for name in state)
+  logits, _ = transformed.apply(params, state, None, x)
+  assert logits.shape == (3, 10)
+
+
+def test_resnet_group_settings_are_checked():
+  with pytest.raises(ValueError, match='blocks_per_group must be 4'):
+    hk.transform(lambda: baselines.ResNet(10, (8, 8),
+                                          blocks_per_group=(1, 1))).init(None)
+
+
+def test_baseline_feeds_the_preprocessors_byte_array_to_the_network():
+  """Baseline = preprocessor (Fourier features, permutation) + network made
+  for the input's grid (8x8, from the images)."""
+  def model(permute):
+    def forward(images):
+      pre = preprocessors.ImagePreprocessor(num_freq_bands=4,
+                                            max_resolution=(8, 8))
+      if permute:
+        pre = preprocessors.PermutedPreprocessor(pre, seed=3)
+      grids = []
+
+      def make_network(grid):
+        grids.append(grid)
+        return _small_models()['vit']()
+
+      logits = baselines.Baseline(pre, make_network)(images,
+                                                     is_training=False)
+      assert grids == [(8, 8)]
+      return logits
+    return hk.transform(forward)
+
+  images = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
+  params = model(False).init(jax.random.key(1), images)
+  plain = model(False).apply(params, None, images)
+  permuted = model(True).apply(params, None, images)
+  assert plain.shape == (2, 10)
+  # The ViT reads the permuted byte array as the (scrambled) grid.
+  assert np.max(np.abs(plain - permuted)) > 1e-3
+
+
+def test_bfloat16_policy_covers_the_baselines():
+  """Params float32, compute bfloat16, logits float32 (training/precision)."""
+  from perceiver_jax.training import precision  # pylint: disable=g-import-not-at-top
+  assert baselines.Baseline in precision.MODEL_CLASSES
+  seen = {}
+
+  def forward(images):
+    def make_network(grid):
+      del grid
+      net = _small_models()['transformer']()
+      def run(x, is_training):
+        seen['dtype'] = x.dtype
+        return net(x, is_training=is_training)
+      return run
+    pre = preprocessors.ImagePreprocessor(num_freq_bands=4,
+                                          max_resolution=(8, 8))
+    return baselines.Baseline(pre, make_network)(images, is_training=False)
+
+  transformed = hk.transform(forward)
+  images = jnp.ones((2, 8, 8, 1))
+  precision.apply_policy('bfloat16', precision.MODEL_CLASSES)
+  try:
+    params = transformed.init(jax.random.key(0), images)
+    logits = transformed.apply(params, None, images)
+  finally:
+    precision.apply_policy('float32', precision.MODEL_CLASSES)
+  assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype('float32')}
+  assert seen['dtype'] == jnp.bfloat16
+  assert logits.dtype == jnp.float32

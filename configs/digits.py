@@ -137,7 +137,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
               permutation_seed=permutation_seed),
           encoder=dict(
               num_latents=32, latent_dim=64, num_cross_attends=2,
-              num_self_attends_per_block=2, num_cross_heads=1,
+              num_blocks=2, num_self_attends_per_block=2, num_cross_heads=1,
               num_self_heads=4, cross_widening_factor=2,
               self_widening_factor=2, share_cross_attends=True,
               share_latent_transformer=True, dropout_prob=0.0,

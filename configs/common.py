@@ -55,18 +55,30 @@ def jaxline_config(
   """jaxline's base config around our experiment section.
 
   Intervals are in steps, so that all hosts checkpoint at the same step.
-  Adds `training.init_checkpoint` (None) to the experiment section: a
-  project checkpoint (root, series or step directory) whose params and
-  model state start training, with a fresh optimizer at step 0 (see
-  experiments/classification.py).
+  Adds to the experiment's training section, unless it has them:
+    init_checkpoint (None): a project checkpoint (root, series or step
+      directory) whose params and model state start training, with a fresh
+      optimizer at step 0 (see experiments/classification.py).
+    max_nonfinite_steps (0): how many steps in a row whose loss, gradients
+      or update are not finite may be skipped (params unchanged, data and
+      step counter moving on) before the run stops. A non-finite update is
+      never applied, whatever this says.
+    total_steps: the learning-rate schedule's length, following
+      training_steps one way (see `_follow`).
   """
-  if 'init_checkpoint' not in experiment.training:
-    experiment.training.init_checkpoint = ml_collections.FieldReference(
+  training = experiment.training
+  if 'init_checkpoint' not in training:
+    training.init_checkpoint = ml_collections.FieldReference(
         None, field_type=str)
+  if 'max_nonfinite_steps' not in training:
+    training.max_nonfinite_steps = 0
   config = base_config.get_base_config()
+  config.training_steps = training_steps
+  total_steps = training.get('total_steps', training_steps)
+  _follow(training, 'total_steps', config, 'training_steps',
+          linked=total_steps == training_steps)
   config.experiment_kwargs = ml_collections.ConfigDict(
       dict(config=experiment))
-  config.training_steps = training_steps
   config.interval_type = 'steps'
   config.save_checkpoint_interval = save_checkpoint_interval
   config.log_tensors_interval = log_interval
@@ -83,6 +95,27 @@ def jaxline_config(
       enabled=False, coordinator_address='', num_processes=1,
       process_id=0))
   return config
+
+
+def _follow(target: ml_collections.ConfigDict, name: str,
+            source: ml_collections.ConfigDict, source_name: str,
+            linked: bool = True) -> None:
+  """Makes target.name follow source.source_name one way.
+
+  A plain `target.name = source.get_ref(source_name)` makes the two one
+  FieldReference: overriding either (--config.<...>.total_steps=1000)
+  changes both, so with two overrides the later one silently wins. Here
+  target.name is a reference of its own whose value is source's reference:
+  it follows source until it is set itself, and setting it leaves source
+  as it is. A config file that later assigns `source.get_ref(...)` to
+  target.name sets this reference's value, keeping it one-way.
+  """
+  value = target.get(name, source[source_name])
+  field = ml_collections.FieldReference(value, field_type=int)
+  if linked:
+    field.set(source.get_ref(source_name))
+  with target.ignore_type():
+    target[name] = field
 
 
 def optimizer(name: str = 'lamb', base_lr: float = 4e-3,

@@ -25,6 +25,14 @@ lists the differences): a Fourier-feature model takes any input resolution,
 a learned position encoding only the one it was trained at. A run that
 resumes from its own checkpoint ignores init_checkpoint.
 
+A finite-update guard runs inside the pmapped step: if the loss, gradients,
+updates or new params/state hold a NaN or an infinity on any device, the
+step is not applied (every device keeps its params, optimizer and model
+state), so no checkpoint can hold a diverged state. step() then stops the
+run naming the step and the newest checkpoint, or skips up to
+`training.max_nonfinite_steps` such steps in a row (data and step counter
+move on; the optimizer's own count does not), logging each.
+
 The config (experiment_kwargs.config) has sections data / model / optimizer /
 training / evaluation; see configs/digits.py for a documented example.
 """
@@ -43,7 +51,6 @@ import optax
 from perceiver_jax import data as data_lib
 from perceiver_jax import models
 from perceiver_jax.analysis import flops
-from perceiver_jax.modules import perceiver
 from perceiver_jax.training import checkpointing
 from perceiver_jax.training import jaxline_compat
 from perceiver_jax.training import logs
@@ -61,8 +68,13 @@ _AXIS = parallel.AXIS_NAME
 _LOG = logs.get_logger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite."""
+class NonFiniteUpdateError(FloatingPointError):
+  """A training step's loss, gradients or update held a NaN or infinity
+  (more than training.max_nonfinite_steps times in a row)."""
+
+
+# The name of earlier versions.
+NonFiniteLossError = NonFiniteUpdateError
 
 
 class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
@@ -82,7 +94,7 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     # 'auto' follows the devices this process trains on (bf16 on GPU/TPU).
     self.compute_dtype = precision.resolve(
         config.training.precision, jax.local_devices()[0].platform)
-    precision.apply_policy(self.compute_dtype, [perceiver.Perceiver])
+    precision.apply_policy(self.compute_dtype, precision.MODEL_CLASSES)
     self.model_has_state = models.has_state(config.model)
     self.forward_with_state = models.make_forward_with_state(config.model)
     # The plain transform, for subclasses' code that calls it (multilabel's
@@ -100,7 +112,11 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     self._opt_state = None
     self._train_input: Optional[Iterator[Mapping[str, Any]]] = None
     self._stop_votes = 0
-    self._last_log = None
+    self._nonfinite_in_a_row = 0
+    # From jaxline's config, seen by should_run_step (None outside jaxline).
+    self._run_steps: Optional[int] = None
+    self._checkpoint_dir: Optional[str] = None
+    self._rate: Optional[throughput.StepRate] = None
     self._flops_per_device_step = None
 
     self._train_batch_dims = parallel.batch_dims(config.training.batch_size,
@@ -140,17 +156,77 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     scalars = jax.device_get(jaxline.utils.get_first(scalars))
     step = int(jaxline.utils.get_first(global_step))
     self._stop_votes = int(scalars.pop('stop_votes'))
-    if not np.isfinite(scalars['loss']):
-      raise NonFiniteLossError(
-          f'Loss is {scalars["loss"]} at step {step}; stopping. The last '
-          'checkpoint saved before this step is left untouched.')
+    self._check_finite(step, scalars)
     scalars.update(self._throughput(step, float(scalars['loss'])))
     return scalars
+
+  def _check_finite(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Skips (logging it) or stops at a step the update did not apply.
+
+    A non-finite step leaves params, optimizer and model state as they were
+    (see _update_fn), so whatever jaxline saves holds finite values. Steps
+    are named 1-based, as the progress lines name them.
+
+    Raises:
+      NonFiniteUpdateError: after more than training.max_nonfinite_steps
+        non-finite steps in a row.
+    """
+    if not scalars['nonfinite']:
+      self._nonfinite_in_a_row = 0
+      return
+    self._nonfinite_in_a_row += 1
+    allowed = self.config.training.get('max_nonfinite_steps', 0)
+    run_steps = self._run_steps or self.config.training.total_steps
+    what = (f'step {step + 1}/{run_steps}: non-finite loss, gradient or '
+            f'update (loss {float(scalars["loss"]):.4g}, gradient norm '
+            f'{float(scalars["grad_norm"]):.4g}), not applied')
+    if self._nonfinite_in_a_row <= allowed:
+      _LOG.warning('%s; params unchanged, skipped (%d in a row, at most %d: '
+                   'training.max_nonfinite_steps).', what,
+                   self._nonfinite_in_a_row, allowed)
+      return
+    in_a_row = (f' ({self._nonfinite_in_a_row} in a row, more than '
+                f'training.max_nonfinite_steps={allowed})' if allowed else '')
+    raise NonFiniteUpdateError(
+        f'Stopping at {what}{in_a_row}. {self._last_good_checkpoint()} '
+        'Lower optimizer.base_lr, or set training.max_nonfinite_steps to '
+        'skip such steps.')
+
+  def _last_good_checkpoint(self) -> str:
+    """Where the last good parameters are, for the non-finite error."""
+    params_finite = all(np.all(np.isfinite(x)) for x in jax.tree.leaves(
+        parallel.unreplicate((self._params, self._state)))
+                        if np.issubdtype(x.dtype, np.inexact))
+    if not params_finite:
+      return ('The parameters were already non-finite before this step '
+              '(restored from a checkpoint written without this check?): '
+              'restart from an earlier checkpoint.')
+    newest = None
+    if self._checkpoint_dir:
+      try:
+        newest = checkpointing.latest_step(self._checkpoint_dir)
+      except (OSError, ValueError):
+        pass
+    if newest is None:
+      return ('No step was applied with non-finite values, so any '
+              'checkpoint saved so far holds finite ones.')
+    return (f'No non-finite update was applied: the newest checkpoint, step '
+            f'{newest} in {self._checkpoint_dir}, holds the last good '
+            'parameters, and a rerun resumes there.')
 
   def should_run_step(self, global_step: int,
                       config: ml_collections.ConfigDict) -> bool:
     """Stops at training_steps, or early (and saves) when any host is asked
     to (SIGTERM/SIGINT): every host sees the same vote through the update."""
+    if self._run_steps is None:
+      self._run_steps = int(config.training_steps)
+      self._checkpoint_dir = config.get('checkpoint_dir')
+      total = self.config.training.total_steps
+      if total != self._run_steps:
+        _LOG.warning(
+            'training_steps=%d but training.total_steps=%d: training stops '
+            'at step %d of a %d-step learning-rate schedule.',
+            self._run_steps, total, self._run_steps, total)
     if self._stop_votes:
       _LOG.warning('Stop requested at step %d: saving and exiting.',
                    global_step)
@@ -158,28 +234,33 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     return global_step < config.training_steps
 
   def _throughput(self, step: int, loss: float) -> dict[str, float]:
-    now = time.time()
-    if self._last_log is None:
-      self._last_log = (now, step)
+    """Rates over the last progress interval; logs the progress line.
+
+    The rate (hence the ETA) is a moving average over the steps between
+    progress lines, the steps_per_sec jaxline logs when its
+    log_tensors_interval is the same. A line comes every
+    training.log_every_steps, at least every tenth of the run, and at its
+    last step.
+    """
+    done = step + 1  # Steps done after this one.
+    run_steps = self._run_steps or self.config.training.total_steps
+    every = logs.progress_interval(self.config.training.log_every_steps,
+                                   run_steps)
+    if self._rate is None:
+      self._rate = throughput.StepRate(window=max(1, every))
+    steps_per_sec = self._rate.update(done, time.time())
+    if steps_per_sec is None:
       return {}
-    last_time, last_step = self._last_log
-    if now - last_time < 1e-6 or step == last_step:
-      return {}
-    steps_per_sec = (step - last_step) / (now - last_time)
-    self._last_log = (now, step)
-    remaining = self.config.training.total_steps - step - 1
-    every = self.config.training.log_every_steps
     rates = {'steps_per_sec': steps_per_sec,
              'examples_per_sec': steps_per_sec * self.config.training.batch_size,
              **throughput.step_metrics(self._flops_per_device_step or 0.0,
                                        steps_per_sec, jax.local_devices()[0])}
-    if every and (step + 1) % every == 0:
+    if every and (done % every == 0 or done == run_steps):
       mfu = f'  MFU {rates["mfu"]:.1%}' if 'mfu' in rates else ''
       _LOG.info('step %d/%d  loss %.4f  steps/sec %.2f  TFLOP/s/device %.3g'
-                '%s  ETA %s', step + 1, self.config.training.total_steps, loss,
-                steps_per_sec, rates['tflops_per_device'], mfu,
-                time.strftime('%H:%M:%S',
-                              time.gmtime(remaining / steps_per_sec)))
+                '%s  ETA %s', done, run_steps, loss, steps_per_sec,
+                rates['tflops_per_device'], mfu,
+                logs.format_duration(max(0, run_steps - done) / steps_per_sec))
     return rates
 
   def _initialize_train(self, start_step: int) -> None:
@@ -261,7 +342,13 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
   def _update_fn(self, params: hk.Params, state: hk.State,
                  opt_state: optax.OptState, global_step: jax.Array,
                  rng: jax.Array, batch: Mapping[str, Any], stop: jax.Array):
-    """Runs on each device: gradients of the mean loss over all devices."""
+    """Runs on each device: gradients of the mean loss over all devices.
+
+    Returns (params, state, opt_state, scalars), identical on every device.
+    A step with a non-finite loss, gradient, update, new params or new state
+    on any device returns the params and states it was given, and
+    scalars['nonfinite'] = 1 (else 0).
+    """
     mask = batch['mask']
     count = jax.lax.psum(jnp.sum(mask), _AXIS)
 
@@ -272,20 +359,32 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
       # Local sum over the global count: psum of these is the global mean.
       return jnp.sum(per_example * mask) / count, (logits, new_state)
 
-    (loss, (logits, state)), grads = jax.value_and_grad(
+    (loss, (logits, new_state)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(params)
     # Moving averages of per-device statistics, made equal on every device
     # (integer counters already are).
-    state = jax.tree.map(
+    new_state = jax.tree.map(
         lambda x: (jax.lax.pmean(x, _AXIS)
-                   if jnp.issubdtype(x.dtype, jnp.floating) else x), state)
+                   if jnp.issubdtype(x.dtype, jnp.floating) else x), new_state)
     grads = jax.lax.psum(grads, _AXIS)
-    updates, opt_state = self._optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    loss = jax.lax.psum(loss, _AXIS)
+    updates, new_opt_state = self._optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    # The finite-update guard: a step whose loss, gradients, updates or new
+    # params/state hold a NaN or an infinity is not applied (on any device),
+    # so no checkpoint can hold its values; step() decides whether to stop.
+    finite = parallel.all_devices(_all_finite(
+        (loss, grads, updates, new_params, new_state)))
+    keep_finite = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    params = keep_finite(new_params, params)
+    state = keep_finite(new_state, state)
+    opt_state = keep_finite(new_opt_state, opt_state)
     scalars = {
-        'loss': jax.lax.psum(loss, _AXIS),
+        'loss': loss,
         'learning_rate': self._schedule(global_step),
         'grad_norm': optax.global_norm(grads),
+        'nonfinite': 1 - finite.astype(jnp.int32),
         'stop_votes': jax.lax.psum(stop, _AXIS),
     }
     scalars.update(self._train_metrics(logits, batch, mask, count))
@@ -380,6 +479,14 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
         value = tree_io.restore_structure(
             self._optimizer.init(snapshot_state['params']), value)
       setattr(self, attr_name, parallel.replicate(value))
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  """Whether every element of every floating-point leaf is finite (a bool
+  scalar; integer leaves, such as optimizer counters, always are)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:

@@ -8,9 +8,15 @@ a series or a single step directory; local or gs://. The metrics are those
 the training run's evaluation logs, over every example of the split.
 --verbosity=0 (-v 0) adds the INFO lines of orbax, absl, JAX and TensorFlow
 (see perceiver_jax/training/logs.py).
+
+A non-finite loss or metric (a diverged checkpoint) is not a result: the
+script prints one line naming the checkpoint step and exits 1.
 """
 
 import json
+import math
+import sys
+from typing import Any, Mapping, Optional
 
 from perceiver_jax.training import logs
 
@@ -38,7 +44,25 @@ def main(argv):
   logs.configure()
   metrics = experiments.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value,
                                            _SPLIT.value)
+  problem = nonfinite_message(metrics, _CHECKPOINT.value)
+  if problem:
+    sys.exit(problem)  # Exit status 1; the message on stderr.
   print(json.dumps(metrics))
+
+
+def nonfinite_message(metrics: Mapping[str, Any],
+                      checkpoint: str) -> Optional[str]:
+  """One line naming the non-finite metrics of `metrics` (from
+  experiments.evaluate_checkpoint) and the checkpoint step; None if all
+  are finite."""
+  bad = {k: v for k, v in metrics.items()
+         if isinstance(v, float) and not math.isfinite(v)}
+  if not bad:
+    return None
+  listed = ', '.join(f'{k}={v}' for k, v in sorted(bad.items()))
+  return (f'evaluate.py: checkpoint step {metrics["step"]} of {checkpoint} '
+          f'gives non-finite {listed}: its parameters diverged; evaluate an '
+          'earlier step (a step directory such as <dir>/latest/<step>).')
 
 
 def run():

@@ -222,7 +222,7 @@ def load(config: ml_collections.ConfigDict, split: str, *, is_training: bool,
     seeds = tf.data.Dataset.random(seed=seed).batch(2)
     ds = tf.data.Dataset.zip((ds, seeds)).map(parse, num_parallel_calls=calls)
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(2)
-    return _train_iterator(ds, batch_dims)
+    return _naming_damaged_shards(_train_iterator(ds, batch_dims), files)
   ds = ds.map(lambda r: parse(r, tf.zeros([2], tf.int64)),
               num_parallel_calls=calls, deterministic=True)
   ds = ds.batch(batch_size).prefetch(2)
@@ -231,7 +231,43 @@ def load(config: ml_collections.ConfigDict, split: str, *, is_training: bool,
     shares = _host_share_sizes(files, int(split_meta['written']),
                                process_count)
     num_batches = max(1, -(-max(shares) // batch_size))
-  return _eval_iterator(ds, batch_size, batch_dims, num_batches)
+  return _naming_damaged_shards(
+      _eval_iterator(ds, batch_size, batch_dims, num_batches), files)
+
+
+def _naming_damaged_shards(batches: Iterator[common.Batch],
+                           files: Sequence[str]) -> Iterator[common.Batch]:
+  """`batches`, with tf.data's DataLossError (which names no file: shards
+  are interleaved) turned into a ValueError naming the damaged shard.
+
+  Checking every shard up front would read the whole split before the first
+  batch; the shards are searched only once a read has failed.
+  """
+  try:
+    yield from batches
+  except tf.errors.DataLossError as e:
+    raise ValueError(
+        f'{_find_damaged_shard(files)}: re-run scripts/prepare_audioset.py '
+        f'for it, or copy it again. (tf.data: {e.message.strip()})') from e
+
+
+def _find_damaged_shard(files: Sequence[str]) -> str:
+  """'AudioSet shard <path> is truncated/corrupt ...' for the first damaged
+  file of `files`: a truncation from the record headers (cheap), else a
+  checksum failure from reading the records."""
+  for path in files:
+    try:
+      count_records(path)
+    except ValueError as e:
+      return f'AudioSet shard is damaged: {e}'
+  for path in files:
+    try:
+      for _ in tf.data.TFRecordDataset(path):
+        pass
+    except tf.errors.DataLossError:
+      return (f'AudioSet shard {path} is corrupt (a record fails its '
+              'checksum)')
+  return f'One of the AudioSet shards {list(files)} is damaged'
 
 
 def _train_iterator(ds, batch_dims):

@@ -45,6 +45,8 @@ classes fit the model).
 
 import os
 from typing import Iterator, Optional, Sequence
+import zipfile
+import zlib
 
 import jax
 import ml_collections
@@ -382,7 +384,8 @@ def read_cache_split(data_dir: str, split: str) -> tuple[np.ndarray,
 
   Raises:
     FileNotFoundError: if data_dir or the split's .npz is missing.
-    ValueError: for missing arrays, bad shapes, or out-of-range labels.
+    ValueError: for a truncated or corrupt .npz (naming it), missing
+      arrays, bad shapes, or out-of-range labels.
   """
   _check_split(split)
   _check_dir(data_dir)
@@ -392,12 +395,22 @@ def read_cache_split(data_dir: str, split: str) -> tuple[np.ndarray,
     raise FileNotFoundError(
         f'{path} not found: build the cache with scripts/prepare_modelnet40.py'
         f' --output_dir={data_dir}.')
-  with np.load(path, allow_pickle=False) as f:
-    missing = [k for k in ('points', 'label') if k not in f.files]
-    if missing:
-      raise ValueError(f'{path}: missing array(s) {missing}; it has '
-                       f'{sorted(f.files)}.')
-    points, label = f['points'], f['label']
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      files = f.files
+      arrays = {k: f[k] for k in ('points', 'label') if k in files}
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError,
+          zlib.error) as e:
+    # numpy names no file: a truncated or overwritten copy, a full disk.
+    raise ValueError(
+        f'{path} is truncated or corrupt ({type(e).__name__}: {e}): build it '
+        f'again with scripts/prepare_modelnet40.py --output_dir={data_dir}.'
+    ) from e
+  missing = [k for k in ('points', 'label') if k not in arrays]
+  if missing:
+    raise ValueError(f'{path}: missing array(s) {missing}; it has '
+                     f'{sorted(files)}.')
+  points, label = arrays['points'], arrays['label']
   if points.ndim != 3 or points.shape[-1] != 3 or label.shape != (
       len(points),):
     raise ValueError(f'{path}: points {points.shape} and label {label.shape}'

@@ -161,3 +161,22 @@ def configure(verbose: Optional[bool] = None) -> None:
   if _HANDLER not in project.handlers:
     project.addHandler(_HANDLER)
   project.propagate = False
+
+
+def progress_interval(log_every_steps: int, run_steps: int) -> int:
+  """Steps between progress lines: log_every_steps, or fewer so that a run
+  of `run_steps` prints at least one line per tenth of it (a 20-step run
+  prints every 2 steps, not never). 0 (no progress lines) stays 0."""
+  if log_every_steps <= 0:
+    return 0
+  return max(1, min(log_every_steps, run_steps // 10))
+
+
+def format_duration(seconds: float) -> str:
+  """'HH:MM:SS', with a day count in front past 24 hours ('2d 03:04:05')."""
+  seconds = max(0, int(round(seconds)))
+  days, seconds = divmod(seconds, 86400)
+  hours, seconds = divmod(seconds, 3600)
+  minutes, seconds = divmod(seconds, 60)
+  clock = f'{hours:02d}:{minutes:02d}:{seconds:02d}'
+  return f'{days}d {clock}' if days else clock

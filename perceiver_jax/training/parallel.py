@@ -68,3 +68,13 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
   logging.info('jax.distributed: process %d of %d, %d local / %d devices.',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+
+
+def all_devices(flag: jax.Array) -> jax.Array:
+  """Whether boolean scalar `flag` holds on every device of every host.
+
+  Call inside a function pmapped over AXIS_NAME: every device gets the same
+  answer, so a decision taken on it (e.g. skipping a non-finite update)
+  keeps the replicas identical.
+  """
+  return jax.lax.pmin(flag.astype(np.int32), AXIS_NAME) > 0

@@ -5,8 +5,13 @@ device (2 per multiply-add, counted from the traced step:
 `perceiver_jax.analysis.flops`) over the device's peak dense bfloat16
 throughput. The peaks below are the vendors' published figures per JAX
 device (a TPU v3 chip is two devices; v4 and later, one).
+
+`StepRate` is the training rate the progress line and its ETA use: steps
+per second over a sliding window of recent steps, the same average jaxline
+logs as steps_per_sec when its log interval equals the window.
 """
 
+import collections
 from typing import Optional
 
 import jax
@@ -52,3 +57,37 @@ def step_metrics(flops_per_device_step: float, steps_per_sec: float,
   if peak is not None:
     metrics['mfu'] = flops_per_sec / peak
   return metrics
+
+
+class StepRate:
+  """Steps per second over the last `window` steps (a moving average).
+
+  jaxline's steps_per_sec is (steps since its last log) / (seconds since
+  it); with `window` equal to that log interval, the rate at a logged step
+  is the same number. A one-step rate would swing with every slow step
+  (a checkpoint save, an input stall) and make the ETA jump.
+  """
+
+  def __init__(self, window: int):
+    """Args: window: steps to average over, >= 1.
+
+    Raises:
+      ValueError: if window < 1.
+    """
+    if window < 1:
+      raise ValueError(f'StepRate window must be >= 1; got {window}.')
+    # (time, step) of the last window + 1 steps: `window` intervals.
+    self._marks = collections.deque(maxlen=window + 1)
+
+  def update(self, step: int, t: float) -> Optional[float]:
+    """Records that `step` steps were done at time `t` (seconds).
+
+    Returns:
+      Steps per second over the window so far; None until two steps are
+      recorded (or if no time passed).
+    """
+    self._marks.append((t, step))
+    (t0, s0), (t1, s1) = self._marks[0], self._marks[-1]
+    if t1 - t0 <= 0 or s1 == s0:
+      return None
+    return (s1 - s0) / (t1 - t0)

@@ -229,3 +229,28 @@ def test_bad_config_and_split_raise(prepared, tmp_path):
                          'index,mid,display_name\n0,/m/x,"x"\n')
   with pytest.raises(ValueError, match='class list'):
     load(audioset_fixture.config(out, csv_dir=str(other)))
+
+
+@pytest.mark.parametrize('damage, is_training, match', [
+    ('truncate', True, 'Truncated TFRecord file'),
+    ('flip', False, 'is corrupt'),
+])
+def test_damaged_shard_is_named(prepared, tmp_path, damage, is_training,
+                                match):
+  """Issue 27: tf.data's DataLossError names no file; ours does."""
+  data_dir = str(tmp_path / 'shards')
+  shutil.copytree(prepared[0], data_dir)
+  shard = os.path.join(data_dir, 'eval-00000.tfrecord')
+  data = bytearray(open(shard, 'rb').read())
+  if damage == 'truncate':
+    data = data[:len(data) - 100]
+  else:
+    data[len(data) // 2] ^= 0xff  # Inside a record: its CRC fails.
+  with open(shard, 'wb') as f:
+    f.write(bytes(data))
+  config = audioset_fixture.config(data_dir, modality='audio')
+  with pytest.raises(ValueError, match=match) as info:
+    for _ in audioset.load(config, 'eval', is_training=is_training,
+                           batch_dims=(1, 2), seed=0):
+      pass
+  assert shard in str(info.value)

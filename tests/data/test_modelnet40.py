@@ -550,3 +550,24 @@ def test_fixture_script_reproduces_the_committed_fixture(tmp_path):
           assert f.read() == g.read(), committed
       count += 1
   assert count == 5 * 28 + 6
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'flip'])
+def test_damaged_cache_npz_names_the_file(tmp_path, damage):
+  """Issue 27: a truncated or overwritten train.npz, not a bare BadZipFile."""
+  _write(tmp_path / 'shape_names.txt', 'a\nb\n')
+  path = modelnet40.cache_path(str(tmp_path), 'train')
+  np.savez(path, points=np.ones([4, 8, 3], np.float32),
+           label=np.array([0, 1, 0, 1], np.int32))
+  points, _ = modelnet40.read_cache_split(str(tmp_path), 'train')
+  assert points.shape == (4, 8, 3)
+  data = bytearray(open(path, 'rb').read())
+  if damage == 'truncate':
+    data = data[:len(data) // 2]
+  else:
+    data[len(data) // 4] ^= 0xff  # Inside the points array: a CRC error.
+  with open(path, 'wb') as f:
+    f.write(bytes(data))
+  with pytest.raises(ValueError, match='is truncated or corrupt') as info:
+    modelnet40.read_cache_split(str(tmp_path), 'train')
+  assert path in str(info.value)

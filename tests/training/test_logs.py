@@ -148,13 +148,12 @@ def _library_lines(lines):
 
 @pytest.mark.slow
 def test_a_default_run_prints_progress_and_results_only(tmp_path):
+  # log_every_steps is 100: a 10-step run still logs every tenth of it.
   _, lines = _script('train', f'--config.checkpoint_dir={tmp_path}',
-                     '--config.training_steps=10',
-                     '--config.experiment_kwargs.config.training.'
-                     'log_every_steps=5')
+                     '--config.training_steps=10')
   assert _library_lines(lines) == [], lines
   progress = [line for line in lines if 'ETA' in line]
-  assert len(progress) == 2, lines
+  assert len(progress) == 9, lines  # Steps 2..10 (step 1 has no rate yet).
   assert re.search(r'step 10/10  loss [\d.]+  steps/sec [\d.]+  '
                    r'TFLOP/s/device [\d.e+-]+  ETA 00:00:00$',
                    progress[-1]), progress
@@ -170,3 +169,18 @@ def test_a_default_run_prints_progress_and_results_only(tmp_path):
   assert [line for line in lines
           if _LIBRARY_INFO.match(line) and 'eval at step 10' in line], lines
   assert json.loads(stdout)['step'] == 10
+
+
+@pytest.mark.parametrize('log_every, run_steps, expected', [
+    (100, 1000, 100), (100, 20, 2), (5, 10, 1), (100, 5, 1), (7, 1000, 7),
+    (0, 20, 0)])
+def test_progress_line_at_least_every_tenth_of_a_run(log_every, run_steps,
+                                                      expected):
+  assert logs.progress_interval(log_every, run_steps) == expected
+
+
+def test_format_duration():
+  assert logs.format_duration(0) == '00:00:00'
+  assert logs.format_duration(3725.4) == '01:02:05'
+  assert logs.format_duration(2 * 86400 + 3 * 3600 + 4 * 60 + 5) == (
+      '2d 03:04:05')

@@ -44,7 +44,6 @@ import optax
 
 from perceiver_jax import ops
 from perceiver_jax.analysis import summary
-from perceiver_jax.modules import perceiver
 from perceiver_jax.training import losses
 from perceiver_jax.training import optimizers
 from perceiver_jax.training import precision
@@ -136,11 +135,11 @@ class precision_policy:  # pylint: disable=invalid-name
         'gpu' if platform == 'cuda' else platform)
 
   def __enter__(self) -> str:
-    precision.apply_policy(self.compute_dtype, [perceiver.Perceiver])
+    precision.apply_policy(self.compute_dtype, precision.MODEL_CLASSES)
     return self.compute_dtype
 
   def __exit__(self, *exc) -> None:
-    precision.apply_policy('float32', [perceiver.Perceiver])
+    precision.apply_policy('float32', precision.MODEL_CLASSES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,7 +310,8 @@ def estimated_memory(experiment_config: ml_collections.ConfigDict,
                                     platform)
     working = 2 * max(_array_sizes(experiment_config, step, batch_size,
                                    platform))
-    if experiment_config.model.encoder.get('remat'):
+    # Baselines have no encoder section and no remat.
+    if (experiment_config.model.get('encoder') or {}).get('remat'):
       working += _recomputed_bytes(experiment_config, params, inputs, labels,
                                    activations, platform)
   param_bytes = _bytes(params)

@@ -31,8 +31,11 @@ def _config(tmp_path, steps=4, arg='debug'):
   return config
 
 
-def _train(config):
-  checkpointer = checkpointing.make_checkpointer(config, 'train')
+def _train(config, extend=False):
+  """Trains `config`; extend=True resumes a shorter run of it (a config
+  change the checkpointer refuses unless allowed)."""
+  checkpointer = checkpointing.make_checkpointer_factory(
+      checkpoint_allow_config_change=extend)(config, 'train')
   jaxline.train.train(classification.ClassificationExperiment, config,
                       checkpointer, writer=None)
   return checkpointing.restore_checkpoint(config.checkpoint_dir)
@@ -80,7 +83,7 @@ def test_resume_equals_uninterrupted_training(tmp_path):
   """2N steps == N steps, restart from the checkpoint, N more steps."""
   straight = _train(_config(tmp_path / 'straight', steps=6))
   _train(_config(tmp_path / 'resumed', steps=3))
-  resumed = _train(_config(tmp_path / 'resumed', steps=6))
+  resumed = _train(_config(tmp_path / 'resumed', steps=6), extend=True)
   assert int(straight['global_step']) == int(resumed['global_step']) == 6
   jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6),
                straight['experiment_module'], resumed['experiment_module'])
@@ -112,7 +115,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
   with config.unlocked():
     config.experiment_kwargs.config.optimizer.base_lr = float('nan')
   with pytest.raises(classification.NonFiniteLossError, match='step 3'):
-    _train(config)
+    _train(config, extend=True)
   assert int(checkpointing.restore_checkpoint(
       str(tmp_path))['global_step']) == 2
 
@@ -160,7 +163,7 @@ def test_stateful_model_trains_checkpoints_resumes_and_evaluates(tmp_path):
   assert np.all(state['preprocessor/batchnorm/~/var_ema']['average'] > 0)
   # Resuming carries the state on: 2 + 2 steps == 4 straight.
   straight = _train(_stateful_config(tmp_path / 'straight', steps=4))
-  resumed = _train(_stateful_config(tmp_path, steps=4))
+  resumed = _train(_stateful_config(tmp_path, steps=4), extend=True)
   assert int(resumed['experiment_module']['state'][
       'preprocessor/batchnorm/~/mean_ema']['counter']) == 4
   jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6),

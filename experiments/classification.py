@@ -230,6 +230,7 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
     if self._stop_votes:
       _LOG.warning('Stop requested at step %d: saving and exiting.',
                    global_step)
+      preemption.request_stop()  # Also where no signal arrived (multi-host).
       return False
     return global_step < config.training_steps
 

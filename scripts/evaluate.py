@@ -32,6 +32,7 @@ from perceiver_jax.training import jaxline_compat
 
 jaxline_compat.install()
 import experiments
+from perceiver_jax.training import checkpoint_integrity
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Checkpoint path.')
@@ -42,8 +43,13 @@ _SPLIT = flags.DEFINE_string('split', None,
 def main(argv):
   del argv
   logs.configure()
-  metrics = experiments.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value,
-                                           _SPLIT.value)
+  try:
+    metrics = experiments.evaluate_checkpoint(
+        _CONFIG.value, _CHECKPOINT.value, _SPLIT.value)
+  except checkpoint_integrity.CheckpointError as e:
+    if flags.FLAGS['verbosity'].present:
+      raise
+    sys.exit(f'evaluate.py: {e}')  # One line naming the files; exit 1.
   problem = nonfinite_message(metrics, _CHECKPOINT.value)
   if problem:
     sys.exit(problem)  # Exit status 1; the message on stderr.

@@ -7,7 +7,7 @@ r"""Reproduces a P1 table at a data scale: trains every row, evaluates, reports.
 Rows and their configs: perceiver_jax/analysis/paper_table.py. Each run
 (row x seed) trains and evaluates in its own process; DIR gets results.json
 (every run, plus each table's mean ± std), table<N>_<data>.md (the paper's
-numbers beside ours), table<N>_<data>.png (needs matplotlib), checkpoints/
+numbers beside ours), table<N>_<data>.png (a matplotlib chart), checkpoints/
 and logs/. Re-running with the same --out skips finished runs.
 --checkpoints=DIR only evaluates DIR/<run>/seed<K> (run: the row id, with
 '_permuted' for Table 2's permuted column). --debug appends the `debug`

@@ -370,7 +370,7 @@ def write_chart(table: Table, data: str, aggregates: dict, path: str) -> None:
   """Bars of ours (mean, std error bars) beside the paper's, per column.
 
   Raises:
-    ImportError: matplotlib is missing (it is not an install requirement).
+    ImportError: matplotlib is missing (setup.py installs it).
   """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -571,8 +571,7 @@ def run_table(table: Table, data: str, out: str, *, seeds: int = 3,
   try:
     write_chart(table, data, aggregates, os.path.join(out, name + '.png'))
   except ImportError:
-    log('No chart: matplotlib is not installed (pip install matplotlib; '
-        'setup.py does not require it).')
+    log('No chart: matplotlib is not installed (pip install matplotlib).')
   log(f'Wrote {results_path}, {name}.md in {out}.')
   return aggregates
 

@@ -55,6 +55,10 @@ class PreemptionWatcher:
   def reset(self) -> None:
     self._event.clear()
 
+  def request(self) -> None:
+    """Sets the flag without a signal (another host received one)."""
+    self._event.set()
+
   def _handle(self, signum: int, frame: Any) -> None:
     del frame
     logging.warning('Received %s: stopping after the current step and saving '
@@ -79,6 +83,13 @@ def uninstall_signal_handlers() -> None:
 def stop_requested() -> bool:
   """True once SIGTERM/SIGINT arrived after install_signal_handlers()."""
   return _WATCHER.stop_requested()
+
+
+def request_stop() -> None:
+  """Marks this process as stopped for preemption: on a multi-host run, the
+  hosts that got no signal stop at the same step and exit as preempted
+  (143) too, so a launcher restarts them all."""
+  _WATCHER.request()
 
 
 def reset_stop_request() -> None:

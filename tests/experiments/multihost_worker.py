@@ -41,9 +41,14 @@ def main(port, num_processes, process_id, out_dir):
     scalars = experiment.step(global_step=global_step, rng=rng)
   params = parallel.unreplicate(experiment._params)  # pylint: disable=protected-access
   leaves = jax.tree.leaves(params)
+  # Each host evaluates its half of the 300 test images (the last batch
+  # partial); the psum'ed totals must count each image once.
+  results = experiment.evaluate(global_step=global_step, rng=None)
   np.savez(os.path.join(out_dir, f'process_{process_id}.npz'),
            labels=np.stack(seen[:3]), loss=scalars['loss'],
-           devices=jax.device_count(), *leaves)
+           devices=jax.device_count(),
+           eval_count=results['num_examples'], eval_loss=results['loss'],
+           eval_top_1=results['top_1_acc'], *leaves)
 
 
 if __name__ == '__main__':

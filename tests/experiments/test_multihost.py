@@ -1,17 +1,22 @@
-"""Two processes on 127.0.0.1 (jax.distributed, gloo) train as one."""
+"""Two processes on 127.0.0.1 (jax.distributed, gloo) train as one, and stop
+as one."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
+from perceiver_jax.training import checkpointing
 from tests import helpers
 
 
 @pytest.mark.slow
-def test_two_processes_share_gradients_and_read_different_shards(tmp_path):
+def test_two_processes_share_gradients_read_different_shards_and_evaluate(
+    tmp_path):
   port = helpers.free_port()
   worker = os.path.join(os.path.dirname(__file__), 'multihost_worker.py')
   env = dict(os.environ, PYTHONPATH=helpers.ROOT)
@@ -33,3 +38,62 @@ def test_two_processes_share_gradients_and_read_different_shards(tmp_path):
   for key in params:
     np.testing.assert_array_equal(a[key], b[key])
   assert float(a['loss']) == float(b['loss'])
+  # Evaluation over both hosts' shards counts each of the 300 test images
+  # once, and both hosts report the same metrics.
+  assert float(a['eval_count']) == float(b['eval_count']) == 300
+  for key in ('eval_loss', 'eval_top_1'):
+    assert float(a[key]) == float(b[key])
+
+
+def _train_processes(tmp_path, name, *flags):
+  """scripts/train.py as process 0 and 1 of a 2-host run (2 CPU devices
+  each) on digits debug, checkpointing into tmp_path/ckpt; each one's output
+  goes to tmp_path/<name>_<i>.log."""
+  port = helpers.free_port()
+  env = dict(os.environ, PYTHONPATH=helpers.ROOT, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  return [subprocess.Popen(
+      [sys.executable, os.path.join(helpers.ROOT, 'scripts', 'train.py'),
+       '--config=' + os.path.join(helpers.ROOT, 'configs', 'digits.py') +
+       ':debug', f'--config.checkpoint_dir={tmp_path / "ckpt"}',
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+       f'--process_id={i}', *flags],
+      env=env, cwd=helpers.ROOT, stderr=subprocess.STDOUT,
+      stdout=open(tmp_path / f'{name}_{i}.log', 'w'))  # pylint: disable=consider-using-with
+          for i in range(2)]
+
+
+def _wait(procs, tmp_path, name):
+  for p in procs:
+    p.wait(timeout=240)
+  return [(tmp_path / f'{name}_{i}.log').read_text() for i in range(2)]
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_stops_both_at_one_checkpoint(tmp_path):
+  """A preempted TPU VM worker: SIGTERM reaches one process of two. The stop
+  vote travels through the update, so both stop after the same step, one
+  checkpoint is written (by process 0) and both exit 143; the same command
+  on both then resumes from it."""
+  procs = _train_processes(tmp_path, 'first', '--config.training_steps=100000',
+                           '--config.save_checkpoint_interval=1000000')
+  deadline = time.time() + 240
+  while ('steps/sec' not in (tmp_path / 'first_0.log').read_text() and
+         time.time() < deadline and procs[0].poll() is None):
+    time.sleep(0.5)
+  procs[1].send_signal(signal.SIGTERM)  # Process 0 gets no signal.
+  outs = _wait(procs, tmp_path, 'first')
+  assert 'steps/sec' in outs[0], outs[0][-3000:]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 143, out[-3000:]
+  steps = checkpointing.list_steps(tmp_path / 'ckpt')
+  assert len(steps) == 1 and steps[0] > 0, steps  # One final checkpoint.
+  saved = steps[0]
+
+  procs = _train_processes(tmp_path, 'again',
+                           f'--config.training_steps={saved + 2}',
+                           '--allow_config_change')
+  outs = _wait(procs, tmp_path, 'again')
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  assert checkpointing.list_steps(tmp_path / 'ckpt')[-1] == saved + 2

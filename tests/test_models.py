@@ -1,5 +1,7 @@
 """Paper parameter counts and FLOPs, and permutation invariance end to end."""
 
+import functools
+
 import haiku as hk
 import jax
 import ml_collections
@@ -20,11 +22,18 @@ PAPER = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _summary(name, arg):
+  """summary_lib.summarize of a config (traced once; several tests read the
+  P1 ImageNet one). Callers must not modify the dict."""
+  return summary_lib.summarize(
+      test_configs._load(name, arg).experiment_kwargs.config)  # pylint: disable=protected-access
+
+
 @pytest.mark.parametrize('name, arg', sorted(PAPER, key=str))
 def test_paper_model_sizes(name, arg):
   params_m, gflops = PAPER[(name, arg)]
-  summary = summary_lib.summarize(
-      test_configs._load(name, arg).experiment_kwargs.config)  # pylint: disable=protected-access
+  summary = _summary(name, arg)
   assert abs(summary['params'] / 1e6 - params_m) < 0.1, summary
   if gflops is not None:
     # The paper counts the direct formulation (byte array projected to k, v).
@@ -71,15 +80,13 @@ def test_make_forward_refuses_a_model_with_state():
 
 def test_reformulated_cross_attention_cuts_p1_imagenet_flops():
   """The default ('auto') formulation: same parameters, >= 12% fewer FLOPs."""
-  summary = summary_lib.summarize(
-      test_configs._load('imagenet.py', None).experiment_kwargs.config)  # pylint: disable=protected-access
+  summary = _summary('imagenet.py', None)
   assert abs(summary['params'] / 1e6 - 44.9) < 0.1
   assert summary['forward_flops'] <= 0.88 * 707.2e9, summary
 
 
 def test_imagenet_byte_array_is_paper_shape():
-  summary = summary_lib.summarize(
-      test_configs._load('imagenet.py', None).experiment_kwargs.config)  # pylint: disable=protected-access
+  summary = _summary('imagenet.py', None)
   assert summary['byte_array'] == [50176, 261]
 
 

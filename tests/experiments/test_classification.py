@@ -268,7 +268,8 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
   assert proc.returncode == 143, out[-3000:]
   saved = int(checkpointing.restore_checkpoint(str(tmp_path))['global_step'])
   assert saved > 0  # Saved on SIGTERM despite the huge save interval.
-  proc = _run_train(tmp_path, f'--config.training_steps={saved + 3}')
+  proc = _run_train(tmp_path, f'--config.training_steps={saved + 3}',
+                    '--allow_config_change')  # Extends the run.
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-3000:]
   assert int(checkpointing.restore_checkpoint(

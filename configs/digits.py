@@ -21,7 +21,7 @@ Presets (`--config=configs/digits.py:permuted,seed=1`):
              configs/imagenet_permuted.py:pos=learned; 18 = the Fourier
              channels it replaces) concatenated to the pixel, and ONE
              cross-attend. Invariant to the permutation as well.
-  baseline=resnet|resnet_ff|vit_ff|transformer_ff
+  baseline=resnet|resnet_ff|vit|vit_ff|transformer_ff
              P1's baselines (Tab. 1, 2) scaled to 8x8, through the same
              experiment, data, preprocessing and permutation (the
              permutation comes after the Fourier features; the ResNet and
@@ -31,11 +31,23 @@ Presets (`--config=configs/digits.py:permuted,seed=1`):
                             3x3 stride 1 to 16 channels, BatchNorm, max-pool
                             3x3/2; group strides 1, 2, 2, 1), pixels only
                             (1 channel). ImageNet analogue: ResNet-50, 77.6.
+                            Deviation from hk.nets.ResNet: the logits layer
+                            is initialised as the project's other Linears
+                            (variance scaling), not to zero
+                            (zero_init_logits=False). Under LAMB a
+                            zero-initialised weight hardly grows (the trust
+                            ratio scales each update to lr x its norm): the
+                            head stayed near zero and some seeds ended
+                            300 steps far behind the others, their
+                            training loss still high.
                resnet_ff    the same on pixels + Fourier features (19
                             channels). ResNet-50 (FF): 73.5 -> 39.4 permuted.
                vit_ff       a ViT on 2x2 patches (16 patches + class token),
                             width 64, 2 layers, 4 heads, MLP widening 2.
                             ViT-B-16 (FF): 76.7 -> 61.7 permuted.
+               vit          the same on pixels only (4 values per patch;
+                            its learned position embeddings place them).
+                            ImageNet analogue: ViT-B-16, 77.9.
                transformer_ff  a Transformer over the 64 pixels (+ Fourier
                             features) as a set: width 32, 2 layers, 4 heads,
                             widening 2, mean-pooled. Transformer 64x64 (FF):
@@ -64,7 +76,7 @@ import ml_collections
 
 NUM_CLASSES = 10
 PERMUTATION_SEED = 1234
-BASELINES = ('resnet', 'resnet_ff', 'vit_ff', 'transformer_ff')
+BASELINES = ('resnet', 'resnet_ff', 'vit', 'vit_ff', 'transformer_ff')
 BASELINE_STEPS = 300
 
 
@@ -94,7 +106,7 @@ def baseline_model(baseline: str, *, num_classes: int,
                    channels_per_group=channels, bottleneck=False,
                    initial_conv_channels=channels[0],
                    initial_conv_kernel_shape=3, initial_conv_stride=1,
-                   strides=(1, 2, 2, 1))
+                   strides=(1, 2, 2, 1), zero_init_logits=False)
   elif kind == 'vit':
     network = dict(patch_size=2, hidden_size=width, num_layers=layers,
                    num_heads=heads, widening_factor=2)

@@ -168,9 +168,32 @@ def test_aggregate_and_markdown_put_the_paper_beside_ours():
   aggregates = paper_table.aggregate(paper_table.TABLES[7], 'digits',
                                      [_record('shared', 'plain', 90.0, 99.0)])
   assert aggregates['shared']['train']['mean'] == 99.0
-  # Rows with no setting at a scale are left out (ViT-B-16 on digits).
-  assert 'vit' not in paper_table.aggregate(paper_table.TABLES[1], 'digits',
-                                            [])
+  # Rows with no setting at a scale are left out.
+  only_imagenet = paper_table.Table(1, 't', (paper_table.Column('top-1'),), (
+      paper_table.Row('x', 'X', (1.0,), {'imagenet': {
+          'plain': paper_table.Setting('configs/imagenet.py')}}),))
+  assert not paper_table.aggregate(only_imagenet, 'digits', [])
+
+
+def test_markdown_states_model_sizes():
+  records = [dict(_record('resnet_ff', variant, 90.0), params=params)
+             for variant, params in (('plain', 53_210), ('permuted', 53_210))]
+  records += [_record('vit_ff', 'plain', 99.0),
+              dict(_record('perceiver_ff', 'plain', 98.0), params=1_234_567),
+              dict(_record('perceiver_ff', 'permuted', 98.0), params=999)]
+  sizes = paper_table.model_sizes(records)
+  assert sizes == {'resnet_ff': {'plain': 53_210, 'permuted': 53_210},
+                   'perceiver_ff': {'plain': 1_234_567, 'permuted': 999}}
+  table = paper_table.TABLES[2]
+  text = paper_table.render_markdown(
+      table, 'digits', paper_table.aggregate(table, 'digits', records),
+      sizes=sizes)
+  assert '| model | params (ours) | paper ImageNet |' in text
+  # One number when the variants agree; both when they differ.
+  assert '| ResNet-50 (FF) | 53.2K | 73.5 | 90.0 |' in text
+  assert '| Perceiver (FF) | 1.23M / 999 | 78.0 |' in text
+  assert '| ViT-B-16 (FF) | n/a | 76.7 | 99.0 |' in text
+  assert 'configs/digits.py.' in text
 
 
 class _FakeLaunch:
@@ -184,7 +207,7 @@ class _FakeLaunch:
     seed = int(re.search(r'seed=(\d)', job['config']).group(1))
     metrics = {split: {'top_1_acc': 0.5 + 0.1 * seed} for split in
                job['splits']}
-    return {'step': 3, 'metrics': metrics}
+    return {'step': 3, 'metrics': metrics, 'params': 4321}
 
 
 def test_run_table_writes_reports_and_resumes(tmp_path):
@@ -206,7 +229,9 @@ def test_run_table_writes_reports_and_resumes(tmp_path):
   assert run0['top_1'] == 50.0 and run0['train_top_1'] == 50.0
   assert 'seconds' in run0 and 'commit' in run0
   assert results['tables']['table7_digits_debug']['aggregates'] == aggregates
-  assert '| Shared (P1) | 78.0 | 55.0 ± 7.1 (2) |' in (
+  assert results['tables']['table7_digits_debug']['params'] == {
+      'shared': {'plain': 4321}, 'unshared': {'plain': 4321}}
+  assert '| Shared (P1) | 4.3K | 78.0 | 55.0 ± 7.1 (2) |' in (
       tmp_path / 'table7_digits.md').read_text()
   assert any('[4/4] shared seed 1: 3 steps' in l and 'ETA' in l
              for l in lines)
@@ -272,7 +297,10 @@ def test_script_trains_and_evaluates_a_two_row_table(tmp_path):
     assert run['metrics']['eval']['num_examples'] == 300  # The test split.
     assert run['metrics']['train']['num_examples'] == 1497
     assert 0 <= run['top_1'] <= 100
-  assert '| No weight sharing | 72.9 |' in (
-      tmp_path / 'table7_digits.md').read_text()
+  # The worker counts parameters: unsharing the weights adds some.
+  unshared, shared = (r['params'] for r in results['runs'])
+  assert unshared > shared > 0
+  assert (f'| No weight sharing | {paper_table.format_params(unshared)} | '
+          '72.9 |') in (tmp_path / 'table7_digits.md').read_text()
   assert '[2/2] shared seed 0: 2 steps' in out.stdout
   assert (tmp_path / 'table7_digits.png').read_bytes()[:4] == b'\x89PNG'

@@ -109,7 +109,7 @@ TABLES = {t.number: t for t in (
         Row('resnet', 'ResNet-50', (77.6,),
             _both(f'{_D}:baseline=resnet', f'{_I}:baseline=resnet50')),
         Row('vit', 'ViT-B-16', (77.9,),
-            _both(None, f'{_I}:baseline=vit_b16')),
+            _both(f'{_D}:baseline=vit', f'{_I}:baseline=vit_b16')),
         Row('resnet_ff', 'ResNet-50 (FF)', (73.5,),
             _both(f'{_D}:baseline=resnet_ff', f'{_I}:baseline=resnet50_ff')),
         Row('vit_ff', 'ViT-B-16 (FF)', (76.7,),
@@ -319,6 +319,29 @@ def aggregate(table: Table, data: str, records: Sequence[dict]) -> dict:
   return out
 
 
+def model_sizes(records: Sequence[dict]) -> dict[str, dict[str, int]]:
+  """{row id: {variant: parameter count}} of the records that have one.
+
+  Seeds do not change a model's size; a permutation does not either, but a
+  row's variants are kept apart so that a difference would show.
+  """
+  sizes = {}
+  for record in records:
+    if record.get('params') is not None:
+      sizes.setdefault(record['row'], {})[record['variant']] = record[
+          'params']
+  return sizes
+
+
+def format_params(count: int) -> str:
+  """12345 -> '12.3K', 25557032 -> '25.56M' (as P1 and model_summary)."""
+  if count >= 1e6:
+    return f'{count / 1e6:.2f}M'
+  if count >= 1e3:
+    return f'{count / 1e3:.1f}K'
+  return str(count)
+
+
 def _cell(cell: dict) -> str:
   if not cell.get('n'):
     return 'n/a'
@@ -330,10 +353,17 @@ def _cell(cell: dict) -> str:
 def render_markdown(table: Table, data: str, aggregates: dict, *,
                     specs: Sequence[RunSpec] = (), seeds: int = 0,
                     debug: bool = False, command: str = '',
-                    commit: str = '') -> str:
-  """A markdown table: for each column the paper's number, then ours."""
-  head = ['model'] + [f'{w} {c.name}' for c in table.columns
-                      for w in ('paper', 'ours')]
+                    commit: str = '',
+                    sizes: Optional[dict[str, dict[str, int]]] = None) -> str:
+  """A markdown table: for each column the paper's number, then ours.
+
+  `sizes` ({row id: {variant: parameter count}}, `model_sizes`) adds a
+  column of our models' parameter counts (one number when a row's variants
+  agree).
+  """
+  sizes = {row: counts for row, counts in (sizes or {}).items() if counts}
+  head = ['model'] + ['params (ours)'] * bool(sizes) + [
+      f'{w} {c.name}' for c in table.columns for w in ('paper', 'ours')]
   lines = [f'# P1 Table {table.number}: {table.title} — {data}', '',
            '| ' + ' | '.join(head) + ' |',
            '|' + '---|' * len(head)]
@@ -341,6 +371,10 @@ def render_markdown(table: Table, data: str, aggregates: dict, *,
     if row.id not in aggregates:
       continue
     cells = [row.label]
+    if sizes:
+      counts = sizes.get(row.id, {})
+      cells.append(' / '.join(dict.fromkeys(
+          format_params(counts[v]) for v in counts)) or 'n/a')
     for column, paper in zip(table.columns, row.paper):
       cells += ['—' if paper is None else f'{paper:.1f}',
                 _cell(aggregates[row.id][column.name])]
@@ -349,6 +383,11 @@ def render_markdown(table: Table, data: str, aggregates: dict, *,
             f'paper: P1 (arXiv 2103.03206 v2) on ImageNet.'
             + (' Ours on digits: 8x8 images, models scaled down, so only the '
                'directions compare.' if data == 'digits' else '')]
+  if sizes:
+    lines.append('params (ours): parameter count of our model of the row '
+                 '(perceiver_jax/analysis/summary.py); the architectures: '
+                 + ('configs/digits.py.' if data == 'digits' else
+                    'configs/imagenet.py.'))
   if debug:
     lines.append('**debug preset: smoke-test numbers, not results.**')
   if seeds:
@@ -541,6 +580,8 @@ def run_table(table: Table, data: str, out: str, *, seeds: int = 3,
         checkpoint=paths[spec], source=source, step=result['step'],
         metrics=result['metrics'], seconds=round(seconds, 1), commit=commit,
         top_1=100 * result['metrics']['eval']['top_1_acc'])
+    if result.get('params') is not None:
+      record['params'] = result['params']
     if 'train' in result['metrics']:
       record['train_top_1'] = 100 * result['metrics']['train']['top_1_acc']
     results['runs'] = [r for r in results['runs']
@@ -560,14 +601,16 @@ def run_table(table: Table, data: str, out: str, *, seeds: int = 3,
   chosen = {s.row for s in specs}
   aggregates = {row: cells for row, cells in
                 aggregate(table, data, found).items() if row in chosen}
+  sizes = model_sizes(found)
   name = f'table{table.number}_{data}'
   results['tables'][name + ('_debug' if debug else '')] = dict(
       seeds=seeds, debug=debug, source=source, commit=commit,
-      runs=[s.key for s in specs], aggregates=aggregates)
+      runs=[s.key for s in specs], aggregates=aggregates, params=sizes)
   write_json(results_path, results)
   with open(os.path.join(out, name + '.md'), 'w') as f:
     f.write(render_markdown(table, data, aggregates, specs=specs, seeds=seeds,
-                            debug=debug, command=command, commit=commit))
+                            debug=debug, command=command, commit=commit,
+                            sizes=sizes))
   try:
     write_chart(table, data, aggregates, os.path.join(out, name + '.png'))
   except ImportError:
@@ -582,11 +625,13 @@ def run_table(table: Table, data: str, out: str, *, seeds: int = 3,
 def worker_main(job_path: str) -> None:
   """Trains job['config'] into job['checkpoint'] (resuming; no-op when done)
   unless job['train'] is false, then evaluates each of job['splits'];
-  writes {'step', 'metrics': {split: metrics}} to job['result']."""
+  writes {'step', 'metrics': {split: metrics}, 'params': parameter count}
+  to job['result']."""
   # pylint: disable=g-import-not-at-top
   from perceiver_jax.training import jaxline_compat
   jaxline = jaxline_compat.import_jaxline()
   import experiments
+  from perceiver_jax.analysis import summary
   from perceiver_jax.training import checkpointing
   from perceiver_jax.training import preemption
   # pylint: enable=g-import-not-at-top
@@ -613,4 +658,6 @@ def worker_main(job_path: str) -> None:
         else train_split)
     step = result.pop('step')
     metrics[split] = result
-  write_json(job['result'], {'step': step, 'metrics': metrics})
+  params = summary.summarize(config.experiment_kwargs.config)['params']
+  write_json(job['result'], {'step': step, 'metrics': metrics,
+                             'params': params})

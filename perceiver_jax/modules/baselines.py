@@ -70,6 +70,12 @@ class ResNet(hk.Module):
   block groups are Haiku's; the `initial_conv_*` sizes and `strides` let
   small images (8x8 digits) keep some spatial extent.
   Defaults: ResNet-50.
+
+  `zero_init_logits`: Haiku initialises the logits layer's weights to zero
+  (the default here). Under LAMB that layer hardly trains: the trust ratio
+  scales each update to lr x the weight's norm, so a weight starting at zero
+  grows by at most a factor (1 + lr) per step after its first update. False
+  initialises it as every other Linear of the project (`linear_init`).
   """
 
   def __init__(self, num_classes: int, grid: Sequence[int],
@@ -79,6 +85,7 @@ class ResNet(hk.Module):
                initial_conv_kernel_shape: int = 7,
                initial_conv_stride: int = 2,
                strides: Sequence[int] = (1, 2, 2, 2),
+               zero_init_logits: bool = True,
                name: Optional[str] = None):
     """Initialises the module.
 
@@ -103,7 +110,10 @@ class ResNet(hk.Module):
         initial_conv_config=dict(output_channels=initial_conv_channels,
                                  kernel_shape=initial_conv_kernel_shape,
                                  stride=initial_conv_stride),
-        strides=tuple(strides), name='resnet')
+        strides=tuple(strides),
+        logits_config=None if zero_init_logits else dict(
+            w_init=attention.linear_init()),
+        name='resnet')
 
   def __call__(self, inputs: jax.Array, *, is_training: bool) -> jax.Array:
     """[B, M, C] -> logits [B, K]."""

@@ -85,12 +85,12 @@ def test_bad_shapes_are_reported():
     _apply(_small_models()['vit'], jnp.zeros((1, 60, 3)))
 
 
-def _small_resnet():
+def _small_resnet(**kwargs):
   return baselines.ResNet(
       10, (8, 8), blocks_per_group=(1, 1, 1, 1),
       channels_per_group=(4, 4, 8, 8), bottleneck=False,
       initial_conv_channels=4, initial_conv_kernel_shape=3,
-      initial_conv_stride=1, strides=(1, 2, 2, 1))
+      initial_conv_stride=1, strides=(1, 2, 2, 1), **kwargs)
 
 
 def test_small_resnet_shapes_and_state():
@@ -103,6 +103,19 @@ def test_small_resnet_shapes_and_state():
   assert any('batchnorm' in name for name in state)
   logits, _ = transformed.apply(params, state, None, x)
   assert logits.shape == (3, 10)
+
+
+@pytest.mark.parametrize('zero_init_logits', [True, False])
+def test_resnet_logits_start_at_zero_only_if_asked(zero_init_logits):
+  """Haiku's zero head by default; under LAMB the digits preset needs a
+  nonzero one (configs/digits.py)."""
+  x = jnp.zeros((1, 64, 19))
+  params, _ = hk.transform_with_state(lambda x: _small_resnet(
+      zero_init_logits=zero_init_logits)(x, is_training=True)).init(
+          jax.random.key(0), x)
+  (w,), = [[v['w']] for k, v in params.items() if k.endswith('logits')]
+  assert w.shape == (8, 10)
+  assert np.all(w == 0) == zero_init_logits
 
 
 def test_resnet_group_settings_are_checked():

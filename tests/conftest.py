@@ -1,6 +1,7 @@
 """Test set-up: 8 fake CPU devices, quiet TensorFlow, no GPU for TF."""
 
 import os
+import tempfile
 
 import pytest
 
@@ -11,6 +12,13 @@ os.environ['XLA_FLAGS'] = (
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+# One persistent compilation cache for the whole run: the xdist workers and
+# the scripts the tests start inherit it, so the many tests that train the
+# same small config compile its steps once. Fresh per run unless the caller
+# names a folder.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
+      prefix='perceiver_jax_test_xla_cache_')
 
 
 def pytest_configure(config):

@@ -2,6 +2,7 @@
 
 import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,27 @@ def _train(config, extend=False):
   jaxline.train.train(classification.ClassificationExperiment, config,
                       checkpointer, writer=None)
   return checkpointing.restore_checkpoint(config.checkpoint_dir)
+
+
+def _copy_run(run, tmp_path):
+  """A writable copy of a shared run's checkpoint directory."""
+  shutil.copytree(run['dir'], tmp_path, dirs_exist_ok=True)
+  return tmp_path
+
+
+@pytest.fixture(scope='module')
+def two_step_run(tmp_path_factory):
+  """digits:debug trained 2 steps, shared read-only by this module's tests:
+  {'dir': its checkpoint_dir, 'restored': restore_checkpoint of it}."""
+  path = tmp_path_factory.mktemp('two_step_run')
+  return {'dir': path, 'restored': _train(_config(path, steps=2))}
+
+
+@pytest.fixture(scope='module')
+def two_step_stateful_run(tmp_path_factory):
+  """As `two_step_run`, for the model with BatchNorm state."""
+  path = tmp_path_factory.mktemp('two_step_stateful_run')
+  return {'dir': path, 'restored': _train(_stateful_config(path, steps=2))}
 
 
 def test_pmapped_update_equals_single_device_update(tmp_path):
@@ -109,9 +131,9 @@ def test_evaluating_a_checkpoint_matches_training_eval(tmp_path):
     assert abs(float(logged[key]) - from_checkpoint[key]) < 1e-6, key
 
 
-def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
-  config = _config(tmp_path, steps=6)
-  _train(_config(tmp_path, steps=2))
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path,
+                                                           two_step_run):
+  config = _config(_copy_run(two_step_run, tmp_path), steps=6)
   with config.unlocked():
     config.experiment_kwargs.config.optimizer.base_lr = float('nan')
   with pytest.raises(classification.NonFiniteLossError, match='step 3'):
@@ -147,16 +169,17 @@ def _fresh_experiment(exp_config):
   return experiment
 
 
-def test_stateful_model_trains_checkpoints_resumes_and_evaluates(tmp_path):
-  config = _stateful_config(tmp_path, steps=2)
+def test_stateful_model_trains_checkpoints_resumes_and_evaluates(
+    tmp_path, two_step_stateful_run):
+  config = _stateful_config(_copy_run(two_step_stateful_run, tmp_path),
+                            steps=2)
   exp = classification.ClassificationExperiment(
       'train', jax.random.PRNGKey(0), config.experiment_kwargs.config)
   assert exp.forward is None and 'state' in exp.CHECKPOINT_ATTRS.values()
   # The class attribute (what stateless models save) is unchanged.
   assert classification.ClassificationExperiment.CHECKPOINT_ATTRS == {
       '_params': 'params', '_opt_state': 'opt_state'}
-  restored = _train(config)['experiment_module']
-  state = restored['state']
+  state = two_step_stateful_run['restored']['experiment_module']['state']
   assert set(state) == {'preprocessor/batchnorm/~/mean_ema',
                         'preprocessor/batchnorm/~/var_ema'}
   assert int(state['preprocessor/batchnorm/~/mean_ema']['counter']) == 2
@@ -189,12 +212,14 @@ def test_pmapped_state_is_the_same_on_every_device(tmp_path):
 
 @pytest.mark.parametrize('stateful', [False, True])
 def test_init_checkpoint_gives_params_and_state_with_a_fresh_optimizer(
-    tmp_path, stateful):
+    request, tmp_path, stateful):
   make = _stateful_config if stateful else _config
-  saved = _train(make(tmp_path / 'first', steps=2))['experiment_module']
+  first = request.getfixturevalue(
+      'two_step_stateful_run' if stateful else 'two_step_run')
+  saved = first['restored']['experiment_module']
   config = make(tmp_path / 'second', steps=2)
   exp_config = config.experiment_kwargs.config
-  exp_config.training.init_checkpoint = str(tmp_path / 'first')
+  exp_config.training.init_checkpoint = str(first['dir'])
   experiment = _fresh_experiment(exp_config)
   params = parallel.unreplicate(experiment._params)  # pylint: disable=protected-access
   jax.tree.map(np.testing.assert_array_equal, params, saved['params'])
@@ -213,11 +238,11 @@ def test_init_checkpoint_gives_params_and_state_with_a_fresh_optimizer(
   assert int(resumed['global_step']) == 2
 
 
-def test_init_checkpoint_of_another_model_lists_the_differences(tmp_path):
-  _train(_config(tmp_path / 'first', steps=2))
+def test_init_checkpoint_of_another_model_lists_the_differences(
+    tmp_path, two_step_run):
   config = _config(tmp_path / 'second')
   exp_config = config.experiment_kwargs.config
-  exp_config.training.init_checkpoint = str(tmp_path / 'first')
+  exp_config.training.init_checkpoint = str(two_step_run['dir'])
   with exp_config.unlocked():
     exp_config.model.encoder.latent_dim = 24
   with pytest.raises(ValueError, match='does not match') as info:

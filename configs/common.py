@@ -86,6 +86,10 @@ def jaxline_config(
   config.log_async = False
   config.checkpoint_dir = checkpoint_dir
   config.max_checkpoints_to_keep = 3
+  # Saves in a background thread when True; synchronous by default (an
+  # async save cut short by preemption is never listed, but that path is
+  # less tested).
+  config.checkpoint_async = False
   config.best_model_eval_metric = best_metric
   config.best_model_eval_metric_higher_is_better = True
   config.eval_initial_weights = eval_initial_weights

@@ -2,11 +2,12 @@
 
 Why: orbax/tensorstore store array data without a checksum, so a flipped bit
 in a data file under `<step>/state/ocdbt.process_0/d/` can load as a silently
-different weight. `tree_io.write_step` therefore records a CRC32 of every
-array's bytes in the step's JSON metadata (`<step>/meta/`), which orbax
-commits together with the arrays (one rename, or commit_success.txt last on
-GCS), so a committed step always carries its checksums. `tree_io.read_step`
-recomputes them on the restored host arrays.
+different weight, and orbax's CheckpointManager has no notion of a bad step.
+`tree_io.save_args` therefore records a CRC32 of every array's bytes in the
+step's JSON metadata (`<step>/meta/`), which orbax commits together with the
+arrays (one rename, or commit_success.txt last on GCS), so a committed step
+always carries its checksums. `tree_io.read_step` recomputes them on the
+restored host arrays.
 
 A failure to read a step is one of three kinds, which decide what the
 callers in `checkpointing` do with it:
@@ -276,7 +277,7 @@ def read_first_good(step_dirs: list[Any], read: Callable[[Any], dict],
 
   Args:
     step_dirs: step directories, the preferred first.
-    read: tree_io.read_step with its reader bound.
+    read: step directory -> tree_io.read_step of its series' manager.
     on_bad: called with each damaged step (e.g. to move it aside).
 
   Returns:

@@ -1,9 +1,12 @@
 """jaxline's Checkpointer on disk: which steps to write, keep and restore.
 
 `make_checkpointer` is the `checkpointer_factory` for `jaxline.platform.main`.
-Steps are written and read in the format of `tree_io`, which describes the
-layout, why an interrupted write is never loaded, and what restored values
-look like. Under `config.checkpoint_dir` (a local path or gs://...)::
+Each series is one orbax CheckpointManager (`tree_io.series_manager`): it
+writes steps atomically, deletes interrupted writes, and keeps the newest
+(latest) or best (best) steps. Steps are in the format of `tree_io`, which
+describes the layout, why an interrupted write is never loaded, and what
+restored values look like. Under `config.checkpoint_dir` (a local path or
+gs://...)::
 
   <checkpoint_dir>/latest/<step>/  the newest `max_checkpoints_to_keep` saves
   <checkpoint_dir>/best/<step>/    the best `best_checkpoints_to_keep` (default
@@ -19,12 +22,18 @@ Contract with the experiment (kept small on purpose):
 
 Multi-host: only process 0 writes unless `config.train_checkpoint_all_hosts`
 (`best_checkpoint_all_hosts` in eval modes), in which case every process
-calls save at the same step and orbax coordinates them (process 0 writes the
-data, which is replicated in data-parallel training, so the directory must be
-shared, e.g. gs://). Every process restores, reading the same directory.
+calls save at the same step and the manager coordinates them (process 0
+writes the data, which is replicated in data-parallel training, so the
+directory must be shared, e.g. gs://). Every process restores, reading the
+same directory; process-local managers read without barriers.
 
-Preemption (`preemption.stop_requested()`) ends training through the
-experiment; jaxline's `train()` then saves the final checkpoint here.
+Saves are synchronous unless `config.checkpoint_async` (default False): then
+the manager writes in a background thread, and `save`, any listing or
+restore, `wait_for_checkpointing_to_finish` and `close` wait for it first. A
+save cut short (SIGTERM, SIGKILL) is an unrenamed tmp directory, never a
+listed step, in either mode. Preemption (`preemption.stop_requested()`) ends
+training through the experiment; jaxline's `train()` then saves the final
+checkpoint here and waits for it.
 
 Damaged steps (checksums, undecodable files, NaN/inf arrays) are skipped for
 older ones, moved aside and never silently replaced by a fresh start;
@@ -32,6 +41,7 @@ transient storage errors are retried (see `checkpoint_integrity`). Resuming
 with a trajectory-changing config is refused (see `config_record`).
 """
 
+import atexit
 import math
 import time
 from typing import Any, Callable, Optional
@@ -118,24 +128,24 @@ def restore_checkpoint(path: tree_io.PathLike) -> dict[str, Any]:
           f'Checkpoint {path} is incomplete (an interrupted write?); '
           f'complete steps in {path.parent}: '
           f'{tree_io.complete_steps(path.parent)}.')
-    step_dirs = [path]
+    series, steps = path.parent, [int(path.name)]
   else:  # Newest first, falling back to older steps.
     series = _series_dir(path)
-    step_dirs = [series / str(s) for s in
-                 reversed(tree_io.complete_steps(series))]
-    if not step_dirs:
+    steps = tree_io.complete_steps(series)[::-1]
+    if not steps:
       raise FileNotFoundError(f'No complete checkpoint in {series}.' +
                               integrity.quarantine_note(series))
-  reader = tree_io.orbax_checkpointer(all_processes=False)
+  manager = tree_io.series_manager(series, all_processes=False)
   try:
-    if len(step_dirs) == 1:  # Asked for by name: no fallback.
-      result = tree_io.read_step(step_dirs[0], reader)
-      integrity.check_finite(result['experiment_module'], step_dirs[0])
+    if len(steps) == 1:  # Asked for by name: no fallback.
+      result = tree_io.read_step(manager, steps[0])
+      integrity.check_finite(result['experiment_module'], result['path'])
     else:
       result = integrity.read_first_good(
-          step_dirs, lambda d: tree_io.read_step(d, reader))
+          [series / str(s) for s in steps],
+          lambda d: tree_io.read_step(manager, int(d.name)))
   finally:
-    reader.close()  # Its asyncio machinery, not left to the collector.
+    manager.close()  # Its threads and asyncio machinery.
   result['train_step_rng'] = tree_io.wrap_rng(result['train_step_rng'],
                                               result.pop('_meta'))
   return result
@@ -161,9 +171,12 @@ class DiskCheckpointer:
 
   Series 'latest' keeps the newest `config.max_checkpoints_to_keep` steps;
   'best' keeps `config.best_checkpoints_to_keep` (default 1) steps with the
-  best `best_eval_metric_value`. Saves are synchronous: when `save` returns,
-  the step is complete on disk. Every call lists the directory afresh, so an
-  eval-mode checkpointer sees steps written by a concurrent training job.
+  best `best_eval_metric_value` (NaN ranks worst). Each series has one
+  CheckpointManager, made when first used; it writes (and deletes
+  interrupted writes) only from the first `save` on, so an eval-mode
+  checkpointer changes nothing of a concurrent training job's series. Every
+  call re-reads the directory (`manager.reload()`), so it sees steps written
+  by another job.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, mode: str):
@@ -172,7 +185,8 @@ class DiskCheckpointer:
     Args:
       config: jaxline config; uses checkpoint_dir, max_checkpoints_to_keep,
         best_checkpoints_to_keep (optional), best_model_eval_metric_higher_is_
-        better, train_checkpoint_all_hosts and best_checkpoint_all_hosts.
+        better, train_checkpoint_all_hosts, best_checkpoint_all_hosts and
+        checkpoint_async (optional, default False: synchronous saves).
       mode: jaxline mode ('train', 'eval', ...); in 'train' the config is
         checked on resume and written to config.json, and a fresh start
         beside damaged steps is refused. Also reads checkpoint_allow_fresh_
@@ -209,8 +223,11 @@ class DiskCheckpointer:
         BEST: bool(config.get('best_checkpoint_all_hosts', False)),
     }
     self._states: dict[str, ml_collections.ConfigDict] = {}
-    self._writers: dict[str, ocp.Checkpointer] = {}
-    self._reader = tree_io.orbax_checkpointer(all_processes=False)
+    self._async = bool(config.get('checkpoint_async', False))
+    if self._async:  # A pending save finishes before the process exits.
+      atexit.register(self.wait_for_checkpointing_to_finish)
+    # Per series: its manager, and whether it was made for writing.
+    self._managers: dict[str, tuple[ocp.CheckpointManager, bool]] = {}
     # Steps this object wrote or read; re-saving one of them is a no-op.
     self._known_steps: dict[str, set[int]] = {}
 
@@ -235,13 +252,47 @@ class DiskCheckpointer:
 
   # Saving.
 
-  def _writer(self, ckpt_series: str) -> ocp.Checkpointer:
-    if ckpt_series not in self._writers:
-      self._writers[ckpt_series] = tree_io.orbax_checkpointer(
-          self._all_hosts[ckpt_series])
-      if jax.process_index() == 0:
-        tree_io.remove_interrupted_writes(self.series_dir(ckpt_series))
-    return self._writers[ckpt_series]
+  def _best_score(self, metrics: Optional[dict[str, Any]]) -> float:
+    """The manager's `best_fn`: higher is better; NaN (and none) is worst."""
+    value = float((metrics or {}).get('best_eval_metric_value', math.nan))
+    if math.isnan(value):
+      return -math.inf
+    return value if self._higher_is_better else -value
+
+  def _manager(self, ckpt_series: str,
+               write: bool = False) -> ocp.CheckpointManager:
+    """The series' manager, up to date with the directory."""
+    manager, writes = self._managers.get(ckpt_series, (None, False))
+    if manager is not None and write and not writes:
+      manager.close()  # A reader; the writer deletes interrupted writes.
+      manager = None
+    if manager is None:
+      manager = tree_io.series_manager(
+          self.series_dir(ckpt_series),
+          all_processes=self._all_hosts[ckpt_series], write=write,
+          max_to_keep=self._keep[ckpt_series],
+          best_fn=self._best_score if ckpt_series == BEST else None,
+          async_save=self._async)
+      self._managers[ckpt_series] = (manager, write or writes)
+    else:
+      self._wait(ckpt_series, manager)
+      manager.reload()
+    return manager
+
+  def _wait(self, ckpt_series: str, manager: ocp.CheckpointManager) -> None:
+    """Waits for a pending (async) save; a full disk as one line."""
+    try:
+      manager.wait_until_finished()
+    except Exception as e:
+      self._raise_if_disk_full(ckpt_series, e)
+      raise
+
+  def _raise_if_disk_full(self, ckpt_series: str, error: Exception) -> None:
+    if integrity.is_disk_full(error):
+      state = self.get_experiment_state(ckpt_series)
+      raise integrity.CheckpointError(integrity.disk_full_message(
+          self.series_dir(ckpt_series) / str(int(state.global_step)),
+          tree_io.array_bytes(state), error)) from error
 
   def save(self, ckpt_series: str) -> None:
     """Writes the experiment state as a new step of `ckpt_series`."""
@@ -257,28 +308,30 @@ class DiskCheckpointer:
     step = int(state.global_step)
     step_dir = self.series_dir(ckpt_series) / str(step)
     known = self._known_steps.setdefault(ckpt_series, set())
-    writer = self._writer(ckpt_series)
-    if step in known and tree_io.is_complete_step(step_dir):
-      logging.info('Checkpoint %s already saved.', step_dir)
-      return
-    if step_dir.exists():
+    manager = self._manager(ckpt_series, write=True)
+    if step in manager.all_steps():
+      if step in known:
+        logging.info('Checkpoint %s already saved.', step_dir)
+        return
       logging.warning('Overwriting checkpoint %s left by an earlier run.',
                       step_dir)
-    primary = jax.process_index() == 0
-    if primary and ckpt_series == LATEST:
-      self._prune(ckpt_series, room_for=step)  # A full disk fits keep steps.
+      manager.delete(step)
+    if ckpt_series == LATEST:
+      self._prune_before_save(manager, step)
     self._record_config()
+    metrics = None
+    if ckpt_series == BEST:
+      metrics = {'best_eval_metric_value': float(
+          state.get('best_eval_metric_value', math.nan))}
     try:
-      tree_io.write_step(step_dir, state, writer, {'config': self._config})
+      manager.save(step, args=tree_io.save_args(state, {
+          'config': self._config}), metrics=metrics, force=True)
     except Exception as e:
-      if integrity.is_disk_full(e):
-        raise integrity.CheckpointError(integrity.disk_full_message(
-            step_dir, tree_io.array_bytes(state), e)) from e
+      self._raise_if_disk_full(ckpt_series, e)
       raise
     known.add(step)
-    logging.info('Saved checkpoint %s.', step_dir)
-    if primary:
-      self._prune(ckpt_series)
+    logging.info('Saved checkpoint %s%s.', step_dir,
+                 ' (finishing in the background)' if self._async else '')
 
   def _record_config(self) -> None:
     if self._train and not self._config_written and (
@@ -286,49 +339,39 @@ class DiskCheckpointer:
       config_record.write_config_file(self._root, self._config)
       self._config_written = True
 
-  def _prune(self, ckpt_series: str, room_for: Optional[int] = None) -> None:
-    """Keeps the best `keep` steps, or `keep - 1` (at least 1) besides
-    step `room_for`, about to be written: so a disk sized for `keep` steps
-    can take the next one."""
-    keep = self._keep[ckpt_series]
-    steps = [s for s in tree_io.complete_steps(self.series_dir(ckpt_series))
-             if s != room_for]
-    if keep is not None and room_for is not None:
-      keep = max(keep - 1, 1)  # Never none while the new one is written.
-    if keep is None or len(steps) <= keep:
+  def _prune_before_save(self, manager: ocp.CheckpointManager,
+                         step: int) -> None:
+    """Deletes the oldest steps, keeping `keep - 1` (at least 1) besides
+    `step`, about to be written: so a disk sized for `keep` steps can take
+    the next one (the manager itself prunes only after a save)."""
+    keep = self._keep[LATEST]
+    steps = [s for s in manager.all_steps() if s != step]
+    if keep is None or len(steps) <= max(keep - 1, 1):
       return
-    ranked = self._ranked(ckpt_series, steps)
-    for step in ranked[keep:]:
-      path = self.series_dir(ckpt_series) / str(step)
-      logging.info('Deleting old checkpoint %s.', path)
-      path.rmtree(missing_ok=True)
+    for old in sorted(steps)[:len(steps) - max(keep - 1, 1)]:
+      logging.info('Deleting old checkpoint %s before saving step %d.',
+                   self.series_dir(LATEST) / str(old), step)
+      manager.delete(old)
 
-  def _ranked(self, ckpt_series: str, steps: list[int]) -> list[int]:
-    """Complete steps, the one to restore first."""
+  def _ranked(self, ckpt_series: str,
+              manager: ocp.CheckpointManager) -> list[int]:
+    """Complete steps, the one to restore first: the newest, or the best
+    (steps written before the manager, without its metrics, last)."""
+    steps = sorted(manager.all_steps(), reverse=True)
     if ckpt_series == LATEST:
-      return sorted(steps, reverse=True)
-    sign = 1.0 if self._higher_is_better else -1.0
-
-    def score(step: int) -> tuple[float, int]:
-      try:
-        meta = tree_io.read_meta(self.series_dir(BEST) / str(step),
-                                 self._reader)
-        value = sign * float(meta['extra'].get('best_eval_metric_value'))
-      except Exception:  # pylint: disable=broad-exception-caught
-        value = -math.inf  # Unreadable: ranked last, removed first.
-      return (-math.inf if math.isnan(value) else value, step)
-
-    return sorted(steps, key=score, reverse=True)
+      return steps
+    metrics = {s: manager.metrics(s) for s in steps}
+    return sorted(steps, key=lambda s: (metrics[s] is not None,
+                                        self._best_score(metrics[s])),
+                  reverse=True)
 
   # Restoring.
 
   def restore_path(self, ckpt_series: str) -> Optional[str]:
     """The step directory `restore` would read first, or None."""
-    steps = tree_io.complete_steps(self.series_dir(ckpt_series))
-    if not steps:
-      return None
-    return str(self.series_dir(ckpt_series) /
-               str(self._ranked(ckpt_series, steps)[0]))
+    ranked = self._ranked(ckpt_series, self._manager(ckpt_series))
+    return str(self.series_dir(ckpt_series) / str(ranked[0])) if ranked else (
+        None)
 
   def can_be_restored(self, ckpt_series: str) -> bool:
     """Whether `restore` has a step to read.
@@ -352,7 +395,7 @@ class DiskCheckpointer:
 
     A damaged step (see `checkpoint_integrity`) is logged, moved aside and
     the next one is tried, so a damaged newest step costs progress, never a
-    wrong model.
+    wrong model. A pending async save is finished first.
 
     Raises:
       FileNotFoundError: if the series has no complete step.
@@ -361,17 +404,21 @@ class DiskCheckpointer:
       config_record.ConfigChangeError: (train) for a trajectory change.
     """
     series_dir = self.series_dir(ckpt_series)
-    steps = tree_io.complete_steps(series_dir)
-    if not steps:
+    manager = self._manager(ckpt_series)
+    ranked = self._ranked(ckpt_series, manager)
+    if not ranked:
       raise FileNotFoundError(f'No complete checkpoint in {series_dir}.')
 
     def on_bad(step_dir, error):
       if jax.process_index() == 0:
         self._quarantine(step_dir, error.kind)
 
-    restored = integrity.read_first_good(
-        [series_dir / str(s) for s in self._ranked(ckpt_series, steps)],
-        lambda d: tree_io.read_step(d, self._reader), on_bad)
+    try:
+      restored = integrity.read_first_good(
+          [series_dir / str(s) for s in ranked],
+          lambda d: tree_io.read_step(manager, int(d.name)), on_bad)
+    finally:
+      manager.reload()  # Forgets the steps moved aside.
     if self._train and ckpt_series == LATEST:
       self._started = True
       config_record.check_resume(restored['_meta'].get('config'),
@@ -420,13 +467,17 @@ class DiskCheckpointer:
         state[key] = restored[key]
 
   def wait_for_checkpointing_to_finish(self) -> None:
-    """Saves are synchronous: nothing is ever pending."""
+    """Returns once every save has reached the disk (async saves)."""
+    for series, (manager, _) in list(self._managers.items()):
+      self._wait(series, manager)
 
   def close(self) -> None:
-    for writer in self._writers.values():
-      writer.close()
-    self._writers.clear()
-    self._reader.close()
+    """Finishes pending saves and releases the managers."""
+    managers, self._managers = self._managers, {}
+    for manager, _ in managers.values():
+      manager.close()
+    if self._async:
+      atexit.unregister(self.wait_for_checkpointing_to_finish)
 
 
 def make_checkpointer(config: ml_collections.ConfigDict,

@@ -1,23 +1,28 @@
 """Pytrees on disk: the step format of perceiver_jax checkpoints, via orbax.
 
 A series directory (see `checkpointing`: `<root>/latest`, `<root>/best`, on a
-local path or gs://...) holds one directory per saved step::
+local path or gs://...) holds one directory per saved step, written by an
+orbax `CheckpointManager` (`series_manager`) with two items::
 
   <step>/state/                orbax PyTree: experiment_module (the
                                experiment's snapshot), train_step_rng
   <step>/meta/                 JSON: global_step, best metric, bookkeeping
+  <step>/metrics/              JSON (best series): what the manager ranks by
   <step>/commit_success.txt    written by orbax when the step is complete
+
+This is the layout a plain orbax Checkpointer gave steps before the manager
+(`write_step` still writes it, for scripts), so those steps read unchanged.
 
 Integrity: the metadata also holds a CRC32 of every array
 (`checkpoint_integrity`), committed with the arrays and checked by
 `read_step`, and the resolved config of the run (`config_record`).
 
-Atomicity: orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>` and
-renames it once complete (on GCS, which cannot rename, it writes
-commit_success.txt last instead). A step counts only if its name is all digits
-and it holds commit_success.txt, so a crash or SIGTERM mid-write leaves the
-previous steps usable; the next writer of that series deletes the leftovers
-(`remove_interrupted_writes`).
+Atomicity is orbax's: a step is written into
+`<step>.orbax-checkpoint-tmp-<time>` and renamed once complete (on GCS, which
+cannot rename, commit_success.txt is written last instead), and the manager
+deletes such leftovers when it starts writing. A step counts only if its name
+is all digits and it holds commit_success.txt (`STEPS`), so a crash or
+SIGTERM mid-write leaves the previous steps usable.
 
 What reading gives back: {name: nested dicts of NumPy arrays}. Every
 container of the saved tree comes back as a dict keyed by its dict key,
@@ -30,7 +35,7 @@ lazily initialised parameters exist.
 """
 
 import os
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from absl import logging
 from etils import epath
@@ -178,7 +183,7 @@ def restore_structure(template: Any, value: Any) -> Any:
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-# Directory scanning.
+# Steps of a series.
 
 
 def as_path(path: PathLike) -> epath.Path:
@@ -190,64 +195,135 @@ def as_path(path: PathLike) -> epath.Path:
   return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
-def is_step_dir(path: epath.Path) -> bool:
-  """Whether `path` names a step directory, complete or interrupted."""
-  return (path.name.isdigit() or _TMP_MARKER in path.name or
-          (path / _STATE).exists())
-
-
 def is_complete_step(path: epath.Path) -> bool:
   """Whether `path` is a step directory whose write finished."""
   return (path.name.isdigit() and path.is_dir() and
           (path / _COMMIT_FILE).exists())
 
 
+def is_step_dir(path: epath.Path) -> bool:
+  """Whether `path` names a step directory, complete or interrupted."""
+  return (path.name.isdigit() or _TMP_MARKER in path.name or
+          (path / _STATE).exists())
+
+
+class _CommittedSteps(ocp.path.step.NameFormat):
+  """orbax's step naming for our series: `<step>`, committed ones only.
+
+  Unlike orbax's standard format, which trusts any local `<digits>`
+  directory, this one wants the commit_success.txt orbax writes into every
+  step, and lists with one directory read (no bucket lookup on gs://).
+  """
+
+  def build_name(self, step: int) -> str:
+    return str(step)
+
+  def find_all(self, base_path: PathLike):
+    base = epath.Path(base_path)
+    if not base.is_dir():
+      return iter([])
+    found = [ocp.path.step.Metadata(step=int(p.name), path=p)
+             for p in base.iterdir() if is_complete_step(p)]
+    return iter(sorted(found, key=lambda m: m.step))
+
+  def find_step(self, base_path: PathLike, step: int):
+    path = epath.Path(base_path) / str(step)
+    if not is_complete_step(path):
+      raise ValueError(f'No complete checkpoint step {step} in {base_path}.')
+    return ocp.path.step.Metadata(step=step, path=path)
+
+
+STEPS = _CommittedSteps()
+
+
 def complete_steps(series_dir: epath.Path) -> list[int]:
   """Ascending steps with a complete checkpoint; [] if there is no dir."""
-  if not series_dir.is_dir():
-    return []
-  return sorted(int(p.name) for p in series_dir.iterdir()
-                if is_complete_step(p))
+  return [m.step for m in STEPS.find_all(series_dir)]
 
 
 def remove_interrupted_writes(series_dir: epath.Path) -> None:
-  """Deletes what crashed writes left: tmp dirs, steps without commit."""
+  """Deletes what crashed writes left (orbax's tmp dirs, steps without their
+  commit file), for writers outside a manager (scripts/import_checkpoint.py);
+  a writing `series_manager` does this itself."""
   if not series_dir.is_dir():
     return
-  for path in series_dir.iterdir():
-    if _TMP_MARKER in path.name or (
-        path.name.isdigit() and not is_complete_step(path)):
-      logging.warning('Removing interrupted checkpoint write %s.', path)
-      path.rmtree(missing_ok=True)
+  leftovers = [t.get() for t in ocp.path.step.all_temporary_paths(series_dir)]
+  leftovers += [p for p in series_dir.iterdir()
+                if p.name.isdigit() and not is_complete_step(p)]
+  for path in leftovers:
+    logging.warning('Removing interrupted checkpoint write %s.', path)
+    path.rmtree(missing_ok=True)
 
 
-# Reading and writing one step.
+def _multiprocessing(all_processes: bool) -> ocp.options.MultiprocessingOptions:
+  """Every process together (process 0 writes), or this process alone: no
+  barriers with processes that never make the matching call."""
+  if all_processes:
+    return ocp.options.MultiprocessingOptions(primary_host=0)
+  me = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=me,
+                                            active_processes={me})
+
+
+def series_manager(series_dir: epath.Path, *, all_processes: bool,
+                   write: bool = False, max_to_keep: Optional[int] = None,
+                   best_fn: Optional[Callable[[Mapping[str, Any]], float]] = (
+                       None),
+                   async_save: bool = False) -> ocp.CheckpointManager:
+  """The orbax CheckpointManager of one series, for our two items.
+
+  Args:
+    series_dir: `<root>/latest` or `<root>/best`.
+    all_processes: every process calls the manager together (see
+      `_multiprocessing`); otherwise this process works alone.
+    write: whether this manager will save or delete: it then creates the
+      directory and deletes interrupted writes. A reader changes nothing, so
+      it is safe beside a concurrent writer (an evaluator beside training).
+    max_to_keep: steps kept after each save (None: all).
+    best_fn: metrics -> score (higher is better), to keep the best
+      `max_to_keep` steps instead of the newest.
+    async_save: save in a background thread (see `checkpointing`).
+
+  Returns:
+    The manager; close it when done (it holds threads and asyncio machinery).
+  """
+  options = _multiprocessing(all_processes)
+  if write and not all_processes:
+    # orbax creates it only when all processes take part.
+    series_dir.mkdir(parents=True, exist_ok=True)
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  # Every orbax layer takes its own options (the defaults sync all processes).
+  state = ocp.StandardCheckpointHandler(multiprocessing_options=options)
+  meta = ocp.JsonCheckpointHandler(multiprocessing_options=options)
+  for item, handler, arg_types in (
+      (_STATE, state, (ocp.args.StandardSave, ocp.args.StandardRestore)),
+      (_META, meta, (ocp.args.JsonSave, ocp.args.JsonRestore))):
+    for arg_type in arg_types:
+      registry.add(item, arg_type, handler)
+  return ocp.CheckpointManager(
+      series_dir, handler_registry=registry,
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep if write else None,
+          best_fn=best_fn, best_mode='max',
+          step_name_format=STEPS, create=write and all_processes,
+          cleanup_tmp_directories=write,
+          enable_async_checkpointing=async_save,
+          save_root_metadata=False, multiprocessing_options=options))
 
 
 def orbax_checkpointer(all_processes: bool) -> ocp.Checkpointer:
-  """A synchronous orbax Checkpointer for our two items (state, meta).
-
-  Args:
-    all_processes: every process calls save/restore together and orbax syncs
-      them (process 0 writes). Otherwise this process works alone: no
-      barriers with processes that never make the matching call.
-
-  Returns:
-    The checkpointer; close it when done (it holds asyncio machinery).
-  """
-  if all_processes:
-    options = ocp.options.MultiprocessingOptions(primary_host=0)
-  else:
-    me = jax.process_index()
-    options = ocp.options.MultiprocessingOptions(primary_host=me,
-                                                 active_processes={me})
-  # Every orbax layer takes its own options (the defaults sync all processes).
+  """A synchronous orbax Checkpointer for one step outside a series manager
+  (`write_step`); close it when done."""
+  options = _multiprocessing(all_processes)
   handler = ocp.CompositeCheckpointHandler(
       composite_options=ocp.CompositeOptions(multiprocessing_options=options),
       **{_STATE: ocp.StandardCheckpointHandler(
           multiprocessing_options=options),
          _META: ocp.JsonCheckpointHandler(multiprocessing_options=options)})
   return ocp.Checkpointer(handler, multiprocessing_options=options)
+
+
+# Reading and writing one step.
 
 
 def _pack(state: ml_collections.ConfigDict
@@ -283,18 +359,19 @@ def _pack(state: ml_collections.ConfigDict
   return tree, meta
 
 
-def write_step(step_dir: epath.Path, state: ml_collections.ConfigDict,
-               writer: ocp.Checkpointer,
-               extra_meta: Optional[Mapping[str, Any]] = None) -> None:
-  """Writes jaxline's experiment state as the step directory `step_dir`.
+def save_args(state: ml_collections.ConfigDict,
+              extra_meta: Optional[Mapping[str, Any]] = None
+              ) -> ocp.args.Composite:
+  """What `series_manager(...).save(step, args=...)` writes for `state`.
 
   Args:
-    step_dir: `<series>/<step>`; an existing one is overwritten.
     state: jaxline's state: global_step, experiment_module (its
       `snapshot_state()` is saved), optional train_step_rng, and scalars or
       strings (e.g. best_eval_metric_value), kept in the metadata.
-    writer: from `orbax_checkpointer`.
     extra_meta: more JSON for the metadata (e.g. {'config': ...}).
+
+  Returns:
+    The arrays as a StandardSave item, the metadata as a JsonSave item.
 
   Raises:
     ValueError: for a state entry that is neither of these, or a snapshot
@@ -304,22 +381,23 @@ def write_step(step_dir: epath.Path, state: ml_collections.ConfigDict,
   # In the same commit as the arrays: a complete step always has them.
   meta['checksums'] = integrity.checksums(tree)
   meta.update(extra_meta or {})
-  writer.save(step_dir, args=ocp.args.Composite(**{
-      _STATE: ocp.args.StandardSave(tree),
-      _META: ocp.args.JsonSave(meta)}), force=True)
+  return ocp.args.Composite(**{_STATE: ocp.args.StandardSave(tree),
+                               _META: ocp.args.JsonSave(meta)})
+
+
+def write_step(step_dir: epath.Path, state: ml_collections.ConfigDict,
+               writer: ocp.Checkpointer,
+               extra_meta: Optional[Mapping[str, Any]] = None) -> None:
+  """Writes `state` (see `save_args`) as the step directory `step_dir`
+  without a series manager (`writer` from `orbax_checkpointer`); an existing
+  step is overwritten."""
+  writer.save(step_dir, args=save_args(state, extra_meta), force=True)
 
 
 def array_bytes(state: ml_collections.ConfigDict) -> int:
-  """Bytes of the arrays `write_step` would write for `state`."""
+  """Bytes of the arrays `save_args` would write for `state`."""
   return sum(np.asarray(leaf).nbytes
              for _, leaf in integrity.flat_leaves(_pack(state)[0]))
-
-
-def read_meta(step_dir: epath.Path, reader: ocp.Checkpointer) -> dict:
-  """The JSON metadata of a step; its 'extra' holds the saved scalars."""
-  return reader.restore(
-      step_dir, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
-  )[_META]
 
 
 def _older_hint(step_dir: epath.Path) -> str:
@@ -329,29 +407,30 @@ def _older_hint(step_dir: epath.Path) -> str:
           f'{step_dir.parent / str(older[-1])}' if older else '')
 
 
-def read_step(step_dir: epath.Path, reader: ocp.Checkpointer
-              ) -> dict[str, Any]:
-  """Reads one complete step and verifies its checksums.
+def read_step(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """Reads one complete step of a series and verifies its checksums.
 
   Transient storage errors are retried (`integrity.with_retries`).
 
   Args:
-    step_dir: a complete step directory.
-    reader: from `orbax_checkpointer`.
+    manager: the series' `series_manager`.
+    step: a complete step of it.
 
   Returns:
     {'global_step': int, 'train_step_rng': as saved (typed keys as their
      data; see `wrap_rng`) or None, 'experiment_module': {name: nested dicts
-     of NumPy arrays, or None}, 'path': `step_dir` as a string, '_meta': the
-     raw metadata, plus the scalars and strings `write_step` kept}.
+     of NumPy arrays, or None}, 'path': the step directory as a string,
+     '_meta': the raw metadata, plus the scalars and strings saved}.
 
   Raises:
     integrity.CorruptCheckpointError: if the files are missing, undecodable
       or fail their checksums; the message names the previous step to try.
     integrity.UnavailableCheckpointError: if the storage kept failing.
   """
+  step_dir = manager.directory / STEPS.build_name(step)
+
   def restore():
-    return reader.restore(step_dir, args=ocp.args.Composite(**{
+    return manager.restore(step, args=ocp.args.Composite(**{
         _STATE: ocp.args.StandardRestore(),
         _META: ocp.args.JsonRestore()}))
 

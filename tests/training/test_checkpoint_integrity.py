@@ -79,6 +79,10 @@ def test_flipped_bits_are_detected_at_restore_and_evaluate(tmp_path, nbytes):
   restorer.restore('latest')
   assert state.global_step == 2
   assert [n for n in os.listdir(latest) if n.startswith('4.corrupt-')]
+  # Its manager forgot step 4 (reload), so training can save it afresh.
+  helpers._save(restorer, 4)
+  assert checkpointing.list_steps(tmp_path) == [2, 4]
+  assert checkpointing.restore_checkpoint(tmp_path)['global_step'] == 4
 
 
 def test_checksum_mismatch_names_the_step_the_array_and_the_file(tmp_path):
@@ -190,16 +194,16 @@ def test_prunes_before_saving_and_names_the_space_a_save_needs(
   checkpointer = checkpointing.make_checkpointer(config, 'train')
   experiment = helpers._save(checkpointer, 1)
   helpers._save(checkpointer, 2, experiment)
-  real_write = tree_io.write_step
+  real_save = ocp.CheckpointManager.save
   on_disk_at_write = []
 
-  def full_disk(step_dir, *args, **kwargs):
-    on_disk_at_write.append(tree_io.complete_steps(step_dir.parent))
+  def full_disk(manager, *args, **kwargs):
+    on_disk_at_write.append(tree_io.complete_steps(manager.directory))
     if len(on_disk_at_write) > 1:
       raise OSError(errno.ENOSPC, 'No space left on device')
-    return real_write(step_dir, *args, **kwargs)
+    return real_save(manager, *args, **kwargs)
 
-  monkeypatch.setattr(tree_io, 'write_step', full_disk)
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', full_disk)
   helpers._save(checkpointer, 3, experiment)
   # keep=2 and the disk held two: step 1 went before step 3 was written.
   assert on_disk_at_write[0] == [2]
@@ -217,12 +221,12 @@ def test_prunes_before_saving_and_names_the_space_a_save_needs(
 
 _FULL_DISK_TRAIN = """
 import errno, runpy, sys
-from perceiver_jax.training import tree_io
+import orbax.checkpoint as ocp
 
 def full_disk(*args, **kwargs):
   raise OSError(errno.ENOSPC, 'No space left on device')
 
-tree_io.write_step = full_disk
+ocp.CheckpointManager.save = full_disk
 sys.argv = ['scripts/train.py'] + sys.argv[1:]
 runpy.run_path('scripts/train.py', run_name='__main__')
 """

@@ -5,15 +5,19 @@ import subprocess
 import sys
 
 from absl import flags
+from etils import epath
 import jax
 import jax.numpy as jnp
 from jaxline import base_config
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
+from perceiver_jax.training import checkpoint_integrity as integrity
 from perceiver_jax.training import checkpointing
+from perceiver_jax.training import config_record
 from perceiver_jax.training import jaxline_compat
 from perceiver_jax.training import tree_io
 from tests import helpers
@@ -218,10 +222,15 @@ def test_keeps_the_last_k_and_removes_interrupted_writes(tmp_path):
     experiment = _save(checkpointer, step, experiment)
   assert checkpointing.list_steps(tmp_path) == [3, 4]
   assert checkpointing.latest_step(tmp_path / 'latest') == 4
-  assert sorted(os.listdir(tmp_path / 'latest')) == ['3', '4']
+  # The manager deleted orbax's tmp dir; the uncommitted step is ignored...
+  assert sorted(os.listdir(tmp_path / 'latest')) == ['3', '4', '5']
+  # ...until its step is saved over it.
+  _save(checkpointer, 5, experiment)
+  assert checkpointing.list_steps(tmp_path) == [4, 5]
+  assert sorted(os.listdir(tmp_path / 'latest')) == ['4', '5']
   # Saving the same step twice (jaxline's final save) is a no-op.
-  _save(checkpointer, 4, experiment)
-  assert checkpointing.list_steps(tmp_path) == [3, 4]
+  _save(checkpointer, 5, experiment)
+  assert checkpointing.list_steps(tmp_path) == [4, 5]
 
 
 def test_best_series_is_kept_separately_by_metric(tmp_path):
@@ -243,6 +252,77 @@ def test_best_series_is_kept_separately_by_metric(tmp_path):
   assert best.global_step == 4 and best.best_eval_metric_value == 0.7
   assert checkpointing.restore_checkpoint(tmp_path / 'best' / '6')[
       'best_eval_metric_value'] == 0.6
+
+
+def test_best_k_ranks_a_nan_metric_worst(tmp_path):
+  config = _config(tmp_path, best_model_eval_metric='score')
+  checkpointer = checkpointing.make_checkpointer_factory(
+      best_checkpoints_to_keep=2)(config, 'eval')
+  for step, score in ((2, 0.5), (4, 0.7), (6, 0.6), (8, float('nan'))):
+    _save(checkpointer, step, series='best', best_eval_metric_value=score)
+  # The manager kept the two best; the NaN one went at once.
+  assert checkpointing.list_steps(tmp_path / 'best') == [4, 6]
+  assert checkpointer.restore_path('best') == str(tmp_path / 'best' / '4')
+
+
+def test_async_saves_finish_before_listing_restoring_and_closing(tmp_path):
+  config = _config(tmp_path, max_checkpoints_to_keep=2, checkpoint_async=True)
+  writer = checkpointing.make_checkpointer(config, 'train')
+  experiment = None
+  for step in (1, 2, 3):
+    experiment = _save(writer, step, experiment)
+  writer.wait_for_checkpointing_to_finish()
+  assert checkpointing.list_steps(tmp_path) == [2, 3]
+  assert not [n for n in os.listdir(tmp_path / 'latest') if 'tmp' in n]
+  _save(writer, 4, experiment)
+  # restore_path waits for step 4 instead of answering step 3.
+  assert writer.restore_path('latest') == str(tmp_path / 'latest' / '4')
+  writer.close()
+  restorer = checkpointing.make_checkpointer(config, 'train')
+  state = _fresh_state(restorer)
+  restorer.restore('latest')
+  assert state.global_step == 4
+  _assert_trees_equal(jax.device_get(state.experiment_module.params),
+                      jax.device_get(experiment.params))
+
+
+def _write_old_layout_step(series_dir, step, params, config, **extra):
+  """A step as perceiver_jax wrote it before the CheckpointManager: a plain
+  orbax Checkpointer, items state (arrays) and meta (JSON), no metrics."""
+  tree = {'experiment_module': {'params': params, 'opt_state': {}}}
+  meta = {'format': 1, 'global_step': step, 'none_keys': [],
+          'extra': extra, 'config': config_record.resolved(config),
+          'checksums': integrity.checksums(tree)}
+  handler = ocp.CompositeCheckpointHandler(
+      state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
+  with ocp.Checkpointer(handler) as writer:
+    writer.save(epath.Path(series_dir) / str(step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
+
+
+def test_steps_written_before_the_manager_restore_and_are_managed(tmp_path):
+  config = _config(tmp_path, max_checkpoints_to_keep=2)
+  old = {'linear': {'w': np.arange(4.0, dtype=np.float32) + 10}}
+  for step in (2, 4):
+    _write_old_layout_step(tmp_path / 'latest', step, old, config)
+  _write_old_layout_step(tmp_path / 'best', 3, old, config,
+                         best_eval_metric_value=0.25)
+  checkpointer = checkpointing.make_checkpointer(config, 'train')
+  state = _fresh_state(checkpointer)
+  snapshots = []
+  state.experiment_module.restore_from_snapshot = snapshots.append
+  checkpointer.restore('latest')
+  assert state.global_step == 4
+  np.testing.assert_array_equal(snapshots[0]['params']['linear']['w'],
+                                old['linear']['w'])
+  # The manager counts the old steps in its retention: step 2 makes room.
+  _save(checkpointer, 6)
+  assert checkpointing.list_steps(tmp_path) == [4, 6]
+  best = _fresh_state(checkpointer, 'best')
+  best.best_eval_metric_value = float('-inf')
+  best.experiment_module.restore_from_snapshot = lambda s: None
+  checkpointer.restore('best')
+  assert best.global_step == 3 and best.best_eval_metric_value == 0.25
 
 
 def _corrupt(step_dir):
@@ -378,8 +458,9 @@ def test_jaxline_training_resumes_from_disk(tmp_path):
 @pytest.mark.slow
 def test_two_processes_one_writer_both_resume(tmp_path):
   """jax.distributed on 127.0.0.1: process 0 writes, both restore."""
-  env = dict(os.environ, PYTHONPATH=helpers.ROOT, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = helpers.multiprocess_environ(
+      PYTHONPATH=helpers.ROOT, JAX_PLATFORMS='cpu',
+      XLA_FLAGS='--xla_force_host_platform_device_count=2')
   for steps in (3, 5):
     port = helpers.free_port()
     procs = [subprocess.Popen(

@@ -61,15 +61,21 @@ def test_write_step_then_read_step(tmp_path):
       {'params': {'w': np.arange(3.0)}, 'opt_state': None})
   state.train_step_rng = jax.random.key(1)
   state.best_eval_metric_value = 0.25
+  # A plain Checkpointer's step (scripts/import_checkpoint.py) is a step of
+  # the series for its manager.
   writer = tree_io.orbax_checkpointer(all_processes=False)
+  manager = tree_io.series_manager(series_dir, all_processes=False)
   try:
     tree_io.write_step(series_dir / '3', state, writer)
-    read = tree_io.read_step(series_dir / '3', writer)
+    manager.reload()
+    assert manager.all_steps() == [3]
+    read = tree_io.read_step(manager, 3)
     state.bad = np.zeros(2)  # Only scalars and strings besides the arrays.
     with pytest.raises(ValueError, match="state entry 'bad'"):
       tree_io.write_step(series_dir / '4', state, writer)
   finally:
     writer.close()
+    manager.close()
   assert tree_io.complete_steps(series_dir) == [3]
   assert read['global_step'] == 3 and read['best_eval_metric_value'] == 0.25
   assert read['path'] == str(series_dir / '3')
@@ -87,6 +93,7 @@ def test_write_step_then_read_step(tmp_path):
 
 
 def test_interrupted_writes_are_incomplete_and_removed(tmp_path):
+  """Uncommitted steps are not listed, neither by us nor by the manager."""
   series_dir = tree_io.as_path(tmp_path)
   os.makedirs(tmp_path / '1.orbax-checkpoint-tmp-123' / 'state')
   os.makedirs(tmp_path / '5' / 'state')
@@ -95,5 +102,10 @@ def test_interrupted_writes_are_incomplete_and_removed(tmp_path):
   assert tree_io.is_step_dir(series_dir / '1.orbax-checkpoint-tmp-123')
   assert not tree_io.is_complete_step(series_dir / '5')
   assert tree_io.complete_steps(series_dir) == [7]
+  manager = tree_io.series_manager(series_dir, all_processes=False)
+  try:
+    assert manager.all_steps() == [7]
+  finally:
+    manager.close()
   tree_io.remove_interrupted_writes(series_dir)
   assert os.listdir(tmp_path) == ['7']

@@ -458,6 +458,16 @@ class ClassificationExperiment(jaxline.experiment.AbstractExperiment):
 
   # Checkpoints (see perceiver_jax/training/checkpointing.py).
 
+  def snapshot_state(self) -> dict[str, Any]:
+    """The first local device's copy of each checkpointed attribute.
+
+    As jaxline's, but read from one shard (`parallel.unreplicate`) rather
+    than by indexing, which in a multi-process run is an eager computation
+    that can hang.
+    """
+    return {chk_name: parallel.unreplicate(getattr(self, attr_name))
+            for attr_name, chk_name in self.CHECKPOINT_ATTRS.items()}
+
   def restore_from_snapshot(self, snapshot_state: Mapping[str, Any]) -> None:
     """Puts checkpointed arrays back, replicated over the local devices.
 

@@ -25,8 +25,9 @@ the gcloud commands (one per line, shell-quoted) instead of running them.
   workers at once, detached with `setsid nohup` (no tmux needed on the image)
   in ~/perceiver_jax with the venv first on PATH. Each worker appends to its
   own ~/perceiver_jax_logs/run.log and keeps the process group in run.pid;
-  a second `run` while one is going is refused. For scripts/train.py (or
-  perceiver-train) it adds --distributed unless a distributed flag is given:
+  a second `run` while one is going is refused. For scripts/train.py and
+  scripts/evaluate.py (or perceiver-train, perceiver-evaluate) it adds
+  --distributed unless a distributed flag is given:
   on a pod JAX then discovers the hosts, and on a single TPU VM it finds a
   one-process cluster, so the same command serves both and no query of the
   slice is needed (--no_add_distributed turns this off).
@@ -213,14 +214,19 @@ def setup_commands(tpu: Slice, tarball: str, remote_dir: str = REMOTE_DIR,
                                                system_python))]
 
 
-def _is_train_script(token: str) -> bool:
-  return (token == 'scripts/train.py' or token.endswith('/scripts/train.py')
-          or token == 'perceiver-train' or token == 'scripts.train')
+def _is_multihost_script(token: str) -> bool:
+  """scripts/train.py or scripts/evaluate.py, by path, entry point or
+  module name."""
+  return any(token in (f'scripts/{name}.py', f'perceiver-{name}',
+                       f'scripts.{name}') or
+             token.endswith(f'/scripts/{name}.py')
+             for name in ('train', 'evaluate'))
 
 
 def needs_distributed(tokens: Sequence[str]) -> bool:
-  """Whether `tokens` run scripts/train.py with no distributed flag."""
-  if not any(_is_train_script(t) for t in tokens):
+  """Whether `tokens` run scripts/train.py or scripts/evaluate.py with no
+  distributed flag."""
+  if not any(_is_multihost_script(t) for t in tokens):
     return False
   return not any(t == f or t.startswith(f + '=') for t in tokens
                  for f in _DISTRIBUTED_FLAGS)
@@ -233,8 +239,8 @@ def command_string(command: Sequence[str],
   Args:
     command: the words after `--`; a single word is taken as a shell command
       line as it is (so `&&`, pipes and variables work), several are quoted.
-    add_distributed: add --distributed after scripts/train.py when the
-      command sets no distributed flag of its own.
+    add_distributed: add --distributed after scripts/train.py (or
+      evaluate.py) when the command sets no distributed flag of its own.
 
   Returns:
     The command line.
@@ -249,7 +255,7 @@ def command_string(command: Sequence[str],
   if len(command) > 1:
     tokens = list(command)
     if add_distributed and needs_distributed(tokens):
-      i = next(i for i, t in enumerate(tokens) if _is_train_script(t))
+      i = next(i for i, t in enumerate(tokens) if _is_multihost_script(t))
       tokens.insert(i + 1, '--distributed')
     return shlex.join(tokens)
   line = command[0]
@@ -258,7 +264,8 @@ def command_string(command: Sequence[str],
   except ValueError:  # Unbalanced quotes: leave the line to the shell.
     tokens = []
   if add_distributed and needs_distributed(tokens):
-    line = re.sub(r'(^|\s)(\S*scripts/train\.py|perceiver-train)(?=\s|$)',
+    line = re.sub(r'(^|\s)(\S*scripts/(?:train|evaluate)\.py|'
+                  r'perceiver-(?:train|evaluate))(?=\s|$)',
                   r'\1\2 --distributed', line, count=1)
   return line
 

@@ -11,7 +11,10 @@ evaluates checkpoints as they appear in the directory.
 
 Multi-host: pass --coordinator_address=HOST:PORT --num_processes=N
 --process_id=I on every host (or set config.distributed.*); on Cloud TPU,
---distributed alone lets JAX discover the pod.
+--distributed alone lets JAX discover the pod (flags shared with
+scripts/evaluate.py: perceiver_jax/training/distributed_flags.py). A run
+may resume on another number of hosts: the checkpoint holds no per-host
+state (see tests/experiments/test_multihost.py).
 
 It prints progress (step, loss, steps/sec, ETA every
 `training.log_every_steps`), evaluation results and warnings;
@@ -54,39 +57,18 @@ import experiments
 import jax
 from perceiver_jax.training import checkpoint_integrity
 from perceiver_jax.training import checkpointing
-from perceiver_jax.training import parallel
+from perceiver_jax.training import distributed_flags
 from perceiver_jax.training import preemption
 from perceiver_jax.training import run_lock
 
 _LOG = logs.get_logger('scripts.train')
 
-_DISTRIBUTED = flags.DEFINE_bool(
-    'distributed', False, 'Call jax.distributed.initialize (auto-detects the '
-    'cluster on Cloud TPU / SLURM when no address is given).')
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'HOST:PORT of process 0 (multi-host).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
-                                      'Number of processes (multi-host).')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None,
-                                   'Index of this process (multi-host).')
 _ALLOW_FRESH_START = flags.DEFINE_bool(
     'allow_fresh_start', False, 'Train from step 0 even where checkpoint_dir '
     'holds damaged checkpoints that were moved aside.')
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     'allow_config_change', False, 'Resume even if the config changes the '
     'training trajectory (seed, schedule, steps, batch, model, data).')
-
-
-def _maybe_initialize_distributed(config) -> None:
-  dist = config.distributed
-  address = _COORDINATOR.value or dist.coordinator_address or None
-  if not (_DISTRIBUTED.value or dist.enabled or address):
-    return
-  num = _NUM_PROCESSES.value or (dist.num_processes if address else None)
-  pid = _PROCESS_ID.value
-  if pid is None and address:
-    pid = dist.process_id
-  parallel.initialize_distributed(address, num, pid)
 
 
 def _checkpointer_factory():
@@ -112,7 +94,7 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     absl_logging.get_absl_handler().addFilter(_no_tracebacks)
   config = flags.FLAGS['config'].value
-  _maybe_initialize_distributed(config)
+  distributed_flags.maybe_initialize(config)
   experiment_class = experiments.get_experiment_class(
       config.experiment_kwargs.config.experiment)
   lock = None

@@ -35,6 +35,18 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def multiprocess_environ(**extra: str) -> dict[str, str]:
+  """os.environ for the processes of one multi-process JAX run, plus `extra`.
+
+  Without the test run's persistent compilation cache (tests/conftest.py):
+  there a process can load an executable another process of the run wrote
+  and wait in it forever.
+  """
+  env = {k: v for k, v in os.environ.items()
+         if k != 'JAX_COMPILATION_CACHE_DIR'}
+  return {**env, **extra}
+
+
 def environ_without_malloc_settings(**extra: str) -> dict[str, str]:
   """os.environ without the variables that choose glibc's malloc settings
   (perceiver_jax/perf/host_memory), plus `extra`."""

@@ -1,4 +1,5 @@
-"""scripts/evaluate.py never exits 0 with a non-finite loss (issue 27)."""
+"""scripts/evaluate.py never exits 0 with a non-finite loss (issue 27), and
+reports a damaged checkpoint in one line."""
 
 # pylint: disable=protected-access
 
@@ -6,13 +7,37 @@ import os
 import subprocess
 import sys
 
+import experiments
 import jax
 import numpy as np
+import pytest
 
+from perceiver_jax.training import checkpoint_integrity
 from perceiver_jax.training import checkpointing
 from perceiver_jax.training import parallel
+from scripts import evaluate
 from tests import helpers
 from tests.experiments import test_classification
+
+
+def test_a_checkpoint_error_is_one_line_on_stderr_and_exit_1(monkeypatch,
+                                                            capsys):
+  def damaged(config, checkpoint, split):
+    del config, split
+    raise checkpoint_integrity.CheckpointError(
+        f'Checkpoint {checkpoint}/latest/7 is damaged (checksum mismatch in '
+        f'params/w).\nEvaluate {checkpoint}/latest/6 instead.')
+
+  monkeypatch.setattr(experiments, 'evaluate_checkpoint', damaged)
+  assert evaluate.report(None, '/ckpt') == 1
+  captured = capsys.readouterr()
+  assert captured.out == ''  # No metrics line for a pipeline to take.
+  assert captured.err == (
+      'evaluate.py: Checkpoint /ckpt/latest/7 is damaged (checksum mismatch '
+      'in params/w). Evaluate /ckpt/latest/6 instead.\n')
+  # --verbosity (any level) asks for the traceback: the error propagates.
+  with pytest.raises(checkpoint_integrity.CheckpointError, match='latest/7'):
+    evaluate.report(None, '/ckpt', verbose=True)
 
 
 def test_a_diverged_checkpoint_exits_1_naming_its_step(tmp_path):

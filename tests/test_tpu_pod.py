@@ -139,8 +139,13 @@ def test_dry_run_of_each_subcommand(capsys):
     ([*_TRAIN, '--nodistributed'], shlex.join([*_TRAIN, '--nodistributed'])),
     ([*_TRAIN, '--coordinator_address=h:1'],
      shlex.join([*_TRAIN, '--coordinator_address=h:1'])),
+    # Evaluation on a pod: every host evaluates its shard.
     (['python', 'scripts/evaluate.py', '--config=c.py'],
-     'python scripts/evaluate.py --config=c.py'),
+     'python scripts/evaluate.py --distributed --config=c.py'),
+    (['perceiver-evaluate --checkpoint=gs://b/r'],
+     'perceiver-evaluate --distributed --checkpoint=gs://b/r'),
+    (['python', 'scripts/classify.py', '--config=c.py'],
+     'python scripts/classify.py --config=c.py'),
     # One word is a shell line, kept as it is apart from --distributed.
     (['FOO=1 python scripts/train.py --config="a b" && echo done'],
      'FOO=1 python scripts/train.py --distributed --config="a b" && '

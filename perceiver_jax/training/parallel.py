@@ -46,9 +46,26 @@ def replicate(tree: Any) -> Any:
   return jax.tree.map(put, tree)
 
 
+def _first_copy(x: Any) -> np.ndarray:
+  """Row 0 of a [local devices, ...] leaf, read from its first shard.
+
+  `x[0]` would be an eager gather over the array's devices; in a
+  multi-process run that computation can wait forever (seen on CPU with
+  gloo), while reading one addressable shard computes nothing.
+  """
+  if isinstance(x, jax.Array) and not isinstance(
+      x, jax.core.Tracer) and x.addressable_shards:
+    shard = min(x.addressable_shards, key=lambda s: s.device.id)
+    data = np.asarray(shard.data)
+    if data.ndim == x.ndim:  # [1, ...]: the device axis is kept.
+      return data[0]
+    return data
+  return np.asarray(x)[0]
+
+
 def unreplicate(tree: Any) -> Any:
   """The first local device's copy of every leaf, as host NumPy."""
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x[0])), tree)
+  return jax.tree.map(_first_copy, tree)
 
 
 def initialize_distributed(coordinator_address: Optional[str] = None,

@@ -9,8 +9,18 @@ What it guarantees:
   * Local and NFS-like disks: the file is created with O_CREAT | O_EXCL,
     atomic on one machine (and on NFSv3+), so of two runs exactly one holds
     the lock.
-  * Remote stores (gs://...), which have no exclusive create through
-    epath/tf.io.gfile: the lock is written when absent and read back after a
+  * gs://: the lock is created through gcsfs with GCS's `ifGenerationMatch=0`
+    precondition (`pipe(..., mode='create')`), so the store itself lets
+    exactly one of two concurrent creates succeed; the loser gets HTTP 412
+    (FileExistsError) and refuses. Whether the store honours the
+    precondition is checked on every acquire: a second conditional create of
+    the object just written must fail. A store that ignores preconditions
+    (gcp-storage-emulator 2026.7, which the tests use, accepts both creates
+    on every upload path: gcsfs's pipe(mode='create') and open('xb'), and
+    google-cloud-storage's upload_from_string(if_generation_match=0)) falls
+    back to the next rule.
+  * Other remote stores, and gs:// without gcsfs: no exclusive create
+    through epath/tf.io.gfile, so the lock is written and read back after a
     pause; a run whose token is not the one read back refuses. Two runs
     starting within that pause of each other can, rarely, both pass; a run
     started later always sees the lock.
@@ -39,6 +49,15 @@ _LOG = logs.get_logger(__name__)
 
 LOCK_FILE = 'run.lock'
 _REMOTE_SETTLE_S = 2.0
+
+
+def _gcs_filesystem() -> Any:
+  """gcsfs's filesystem (the one epath uses without TensorFlow), or None."""
+  try:
+    import fsspec  # pylint: disable=g-import-not-at-top
+    return fsspec.filesystem('gs')
+  except (ImportError, ValueError):  # No gcsfs.
+    return None
 
 
 class RunLockError(integrity.CheckpointError):
@@ -93,10 +112,40 @@ class RunLock:
       json.dump(self._info, f)
     return True
 
-  def _create_remote(self) -> bool:
-    if self.path.exists():
+  def _create_conditionally(self, fs: Any, data: str) -> Optional[bool]:
+    """Creates the lock on gs:// with `ifGenerationMatch=0`.
+
+    Returns:
+      True if this run holds the lock (the store enforced the precondition),
+      False if the lock existed, None if the store ignored the precondition:
+      our object is written (perhaps over a concurrent run's) and the caller
+      must read it back.
+    """
+    path = os.fspath(self.path)
+    try:
+      fs.pipe(path, data.encode(), mode='create')
+    except FileExistsError:  # HTTP 412: someone else's object is there.
       return False
-    self.path.write_text(json.dumps(self._info))
+    try:  # Probe: an enforcing store refuses a create over our own object.
+      fs.pipe(path, data.encode(), mode='create')
+    except FileExistsError:
+      return True
+    _LOG.debug('%s ignored ifGenerationMatch=0: verifying the lock by '
+               'reading it back.', path)
+    return None
+
+  def _create_remote(self) -> bool:
+    data = json.dumps(self._info)
+    fs = (_gcs_filesystem() if os.fspath(self.path).startswith('gs://')
+          else None)
+    if self.path.exists():  # Also where preconditions are ignored.
+      return False
+    if fs is not None:
+      created = self._create_conditionally(fs, data)
+      if created is not None:
+        return created
+    else:
+      self.path.write_text(data)
     time.sleep(_REMOTE_SETTLE_S)  # Let a concurrent writer's file land.
     holder = self._read() or {}
     return holder.get('token') == self._info['token']

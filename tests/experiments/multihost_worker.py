@@ -1,4 +1,5 @@
-"""One process of the two-process test: trains a few steps, saves results.
+"""One process of the two-process test: trains a few steps, saves results
+and a checkpoint of step 3 (written by process 0) in OUT_DIR/ckpt.
 
   python multihost_worker.py PORT NUM_PROCESSES PROCESS_ID OUT_DIR
 """
@@ -20,10 +21,13 @@ def main(port, num_processes, process_id, out_dir):
   parallel.initialize_distributed(f'127.0.0.1:{port}', int(num_processes),
                                   process_id)
   from experiments import classification  # pylint: disable=g-import-not-at-top
+  from perceiver_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from perceiver_jax.training import jaxline_compat  # pylint: disable=g-import-not-at-top
   from tests import test_configs  # pylint: disable=g-import-not-at-top
   utils = jaxline_compat.import_jaxline().utils
-  config = test_configs._load('digits.py', 'debug').experiment_kwargs.config  # pylint: disable=protected-access
+  full_config = test_configs._load('digits.py', 'debug')  # pylint: disable=protected-access
+  full_config.checkpoint_dir = os.path.join(out_dir, 'ckpt')
+  config = full_config.experiment_kwargs.config
   experiment = classification.ClassificationExperiment(
       'train', jax.random.PRNGKey(0), config)
   seen = []
@@ -44,6 +48,15 @@ def main(port, num_processes, process_id, out_dir):
   # Each host evaluates its half of the 300 test images (the last batch
   # partial); the psum'ed totals must count each image once.
   results = experiment.evaluate(global_step=global_step, rng=None)
+  # As jaxline's train() saves: every process calls save, process 0 writes.
+  checkpointer = checkpointing.make_checkpointer(full_config, 'train')
+  state = checkpointer.get_experiment_state('latest')
+  state.global_step = 3
+  state.experiment_module = experiment
+  state.train_step_rng = utils.bcast_local_devices(
+      jax.random.PRNGKey(full_config.random_seed))
+  checkpointer.save('latest')
+  checkpointer.close()
   np.savez(os.path.join(out_dir, f'process_{process_id}.npz'),
            labels=np.stack(seen[:3]), loss=scalars['loss'],
            devices=jax.device_count(),

@@ -22,10 +22,8 @@ A non-finite loss or metric (a diverged checkpoint) is not a result: the
 script prints one line naming the checkpoint step and exits 1.
 """
 
-import contextlib
 import json
 import math
-import os
 import sys
 from typing import Any, Mapping, Optional
 
@@ -82,7 +80,9 @@ def report(config, checkpoint: str, split: Optional[str] = None, *,
     checkpoint_integrity.CheckpointError: if `verbose`, for the traceback.
   """
   try:
-    with _stdout_to_stderr():
+    # stdout holds the metrics line alone: native code prints there (gloo,
+    # the collectives of multi-host CPU runs, announces each connection).
+    with logs.fd_redirected(1, 2):
       metrics = experiments.evaluate_checkpoint(config, checkpoint, split)
   except checkpoint_integrity.CheckpointError as e:
     if verbose:
@@ -99,22 +99,6 @@ def report(config, checkpoint: str, split: Optional[str] = None, *,
   if primary:
     print(json.dumps(metrics), flush=True)
   return 0
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr():
-  """Points file descriptor 1 at stderr meanwhile, so that stdout holds the
-  metrics line alone: native code prints there (gloo, the collectives of
-  multi-host CPU runs, announces each connection to its peers)."""
-  sys.stdout.flush()
-  saved = os.dup(1)
-  os.dup2(2, 1)
-  try:
-    yield
-  finally:
-    sys.stdout.flush()
-    os.dup2(saved, 1)
-    os.close(saved)
 
 
 def nonfinite_message(metrics: Mapping[str, Any],

@@ -113,22 +113,34 @@ def quiet_native_logs(argv: Optional[Sequence[str]] = None, *,
 
 
 @contextlib.contextmanager
+def fd_redirected(fd: int, target: int) -> Iterator[None]:
+  """Points file descriptor `fd` at `target` within, where native code
+  (C++ logging, gloo) writes past Python's sys.stdout/sys.stderr."""
+  for stream in (sys.stdout, sys.stderr):
+    stream.flush()
+  saved = os.dup(fd)
+  os.dup2(target, fd)
+  try:
+    yield
+  finally:
+    for stream in (sys.stdout, sys.stderr):
+      stream.flush()
+    os.dup2(saved, fd)
+    os.close(saved)
+
+
+@contextlib.contextmanager
 def _native_info_dropped() -> Iterator[None]:
   """Drops C++ INFO lines written to stderr (fd 2) within; keeps the rest.
 
   The rest (warnings, errors, Python tracebacks) is written back on exit,
   also when the body raises.
   """
-  sys.stderr.flush()
-  saved = os.dup(2)
   with tempfile.TemporaryFile() as captured:
-    os.dup2(captured.fileno(), 2)
     try:
-      yield
+      with fd_redirected(2, captured.fileno()):
+        yield
     finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
       captured.seek(0)
       for line in captured:
         if not _NATIVE_INFO.match(line):

@@ -173,6 +173,27 @@ def baseline_model(baseline: str, *, image_size: int,
       num_freq_bands=4 if debug else bands,
       max_resolution=(image_size, image_size),
       permutation_seed=permutation_seed)
+  patch_size = 4 if debug else 16
+  return ml_collections.ConfigDict(dict(
+      type='resnet' if kind == 'resnet50' else kind,
+      preprocessor=preprocessor,
+      network=baseline_network(kind, num_classes=NUM_CLASSES,
+                               patch_size=patch_size, debug=debug),
+      backend='auto'))
+
+
+def baseline_network(kind: str, *, num_classes: int, patch_size: int = 16,
+                     debug: bool = False) -> dict[str, object]:
+  """The `network` section of a P1 baseline (modules/baselines.py).
+
+  Args:
+    kind: 'resnet50' (ResNet-50), 'vit' (ViT-B/`patch_size`) or
+      'transformer' (6 layers of width 512, 8 heads, MLP ratio 1: our
+      choice, P1 gives no size).
+    num_classes: the head's classes.
+    patch_size: the ViT's patch side (16 on ImageNet, 2 on ModelNet40).
+    debug: tiny sizes of the same structure.
+  """
   if kind == 'resnet50':
     network = dict(blocks_per_group=(3, 4, 6, 3),
                    channels_per_group=(256, 512, 1024, 2048),
@@ -184,19 +205,19 @@ def baseline_model(baseline: str, *, image_size: int,
                      channels_per_group=(8, 8, 16, 16), bottleneck=False,
                      initial_conv_channels=8)
   elif kind == 'vit':
-    network = dict(patch_size=16, hidden_size=768, num_layers=12,
+    network = dict(patch_size=patch_size, hidden_size=768, num_layers=12,
                    num_heads=12, widening_factor=4, dropout_prob=0.0)
     if debug:
-      network.update(patch_size=4, hidden_size=16, num_layers=1, num_heads=2)
-  else:
+      network.update(hidden_size=16, num_layers=1, num_heads=2)
+  elif kind == 'transformer':
     network = dict(hidden_size=512, num_layers=6, num_heads=8,
                    widening_factor=1, dropout_prob=0.0)
     if debug:
       network.update(hidden_size=16, num_layers=1, num_heads=2)
-  return ml_collections.ConfigDict(dict(
-      type='resnet' if kind == 'resnet50' else kind,
-      preprocessor=preprocessor,
-      network=dict(num_classes=NUM_CLASSES, **network), backend='auto'))
+  else:
+    raise ValueError(f'Unknown baseline network {kind!r}; expected '
+                     "'resnet50', 'vit' or 'transformer'.")
+  return dict(num_classes=num_classes, **network)
 
 
 def released_preprocessor(prep: str, pos: str,

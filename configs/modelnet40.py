@@ -49,20 +49,36 @@ Presets (`--config=configs/modelnet40.py:fixture,seed=1`):
   and add --config.experiment_kwargs.config.data.format=off_cache
   --config.experiment_kwargs.config.data.data_dir=DIR.
   seed=N   initialisation / data-order / augmentation seed.
+  baseline=...  P1 Tab. 4's baselines: see below.
 
 The data section holds every field of perceiver_jax/data/modelnet40.py's
 `default_config()` (documented there) with the paper's values, kept as
 literals so that loading a config imports no data code.
 
-Baselines (P1 Tab. 4: PointNet++ 91.9, ResNet-50 (FF) 66.3, ViT-B-2 (FF)
-78.9, Transformer (44x44) 82.1) are not built here. P1 says only that the
-generic baselines of the earlier sections take Fourier-feature encodings of
-the positions, and that this data has no natural grid. It does not say how
-a point set becomes the image a ResNet-50 or a ViT with 2x2 patches
-needs (which points go to which grid cell, in what order, with what
-resolution), nor whether "44x44" means 1,936 points given to a Transformer
-as a set or a rasterised 44x44 grid. Any choice would be ours, not the
-paper's, and its numbers would not be P1's rows.
+Baselines (P1 Tab. 4: ResNet-50 (FF) 66.3, ViT-B-2 (FF) 78.9, Transformer
+(44x44) 82.1; PointNet++ 91.9 is not built):
+  baseline=resnet50_ff|vit_b2_ff|transformer_44_ff
+           the networks of configs/imagenet.py's baselines (ResNet-50, ViT-B
+           with 2x2 patches, the 6-layer width-512 Transformer) with a
+           40-way head, on the byte array the Perceiver reads (the same 387
+           Fourier-feature channels per point), trained with this file's
+           Perceiver recipe. `debug` combines with them.
+             python scripts/train.py \
+                 --config=configs/modelnet40.py:baseline=vit_b2_ff \
+                 --config.experiment_kwargs.config.data.data_dir=$H5
+  P1 says only that these baselines take Fourier features and that point
+  clouds have no grid, so the rest is our reading, not P1's:
+    - "44x44" is taken as 44 * 44 = 1,936 points (of P1's ~2,000), so every
+      baseline reads 1,936 points (data.num_points), not the Perceiver's
+      2,000;
+    - the ResNet and the ViT need an image: the 1,936 points fill a 44x44
+      grid row-major in the order the loader gives them (a random subset in
+      training, the first 1,936 stored points in evaluation; model.grid), so
+      neighbouring cells are not neighbouring points, as in permuted
+      ImageNet. The Transformer reads the 1,936 points as a set.
+    - ResNet-50's 7x7/2 stem and max-pool leave an 11x11 map; the ViT has
+      484 patches and a class token.
+  Their results are not reproduced here (no ModelNet40 on this machine).
 
 Deviations: weight decay 0.1 / clip 10 / label smoothing 0.1 follow the
 ImageNet settings ("otherwise the ImageNet settings", P1 Sec. 4.4); the
@@ -77,6 +93,7 @@ import os
 from typing import Optional
 
 from configs import common
+from configs import imagenet
 import ml_collections
 
 NUM_CLASSES = 40
@@ -98,10 +115,52 @@ def modelnet40_data(num_points: int = 2000) -> ml_collections.ConfigDict:
       format='h5', num_points=num_points, scale_low=0.99, scale_high=1.01))
 
 
+BASELINES = ('resnet50_ff', 'vit_b2_ff', 'transformer_44_ff')
+
+
+def baseline_model(baseline: str, *, num_freq_bands: int, max_resolution: int,
+                   debug: bool = False) -> ml_collections.ConfigDict:
+  """The model section of one of P1 Tab. 4's baselines (models.py).
+
+  Args:
+    baseline: one of BASELINES.
+    num_freq_bands, max_resolution: the point cloud Fourier features.
+    debug: tiny networks (configs/imagenet.py's debug sizes) on 8x8 = 64
+      points.
+  """
+  if baseline not in BASELINES:
+    raise ValueError(f'Unknown baseline {baseline!r}; expected one of '
+                     f'{BASELINES}.')
+  kind = baseline.split('_')[0]
+  side = grid_side(debug)
+  model = ml_collections.ConfigDict(dict(
+      type='resnet' if kind == 'resnet50' else kind,
+      preprocessor=dict(type='point_cloud', num_freq_bands=num_freq_bands,
+                        max_resolution=max_resolution),
+      network=imagenet.baseline_network(kind, num_classes=NUM_CLASSES,
+                                        patch_size=2, debug=debug),
+      # None: the Transformer reads the points as a set.
+      grid=None if kind == 'transformer' else (side, side),
+      backend='auto'))
+  return model
+
+
+def grid_side(debug: bool) -> int:
+  """Side of the baselines' square grid: 44 (P1's "44x44"), 8 with debug."""
+  return 8 if debug else 44
+
+
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
-  options = common.parse_arg(arg, debug=False, fixture=False, seed=0)
+  options = common.parse_arg(arg, debug=False, fixture=False, seed=0,
+                             baseline='')
   if options.debug and options.fixture:
     raise ValueError(f'Presets debug and fixture exclude each other: {arg!r}.')
+  if options.baseline and options.baseline not in BASELINES:
+    raise ValueError(f'Unknown baseline {options.baseline!r}; expected one '
+                     f'of {BASELINES} (in {arg!r}).')
+  if options.baseline and options.fixture:
+    raise ValueError('baseline= runs the paper-sized networks; it combines '
+                     f'with debug, not with fixture: {arg!r}.')
   num_points, batch_size, training_steps = 2000, 512, 50_000
   encoder = dict(
       num_latents=512, latent_dim=1024, num_cross_attends=2,
@@ -132,6 +191,18 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     optimizer.update(base_lr=4e-3, weight_decay=1e-2)
     name = 'modelnet40_fixture'
 
+  model = dict(preprocessor=preprocessor, encoder=encoder,
+               decoder=dict(type='average', num_classes=NUM_CLASSES),
+               backend='auto')
+  if options.baseline:
+    model = baseline_model(
+        options.baseline, debug=options.debug,
+        num_freq_bands=4 if options.debug else preprocessor['num_freq_bands'],
+        max_resolution=preprocessor['max_resolution'])
+    num_points = grid_side(options.debug) ** 2
+    name = f'modelnet40_{options.baseline}' + ('_debug' if options.debug
+                                               else '')
+
   data = modelnet40_data(num_points)
   if options.debug or options.fixture:
     data.update(data_dir=FIXTURE_H5_DIR, num_train_examples=FIXTURE_NUM_TRAIN)
@@ -140,9 +211,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
 
   experiment = ml_collections.ConfigDict(dict(
       experiment='classification', data=data,
-      model=dict(preprocessor=preprocessor, encoder=encoder,
-                 decoder=dict(type='average', num_classes=NUM_CLASSES),
-                 backend='auto'),
+      model=model,
       optimizer=common.optimizer(**optimizer),
       training=dict(batch_size=batch_size, label_smoothing=0.1,
                     precision='auto', data_seed=options.seed,
@@ -150,8 +219,9 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
       evaluation=dict(batch_size=batch_size, per_class_metrics=True),
   ))
   # One value, one place: the head follows the data's class count.
-  experiment.model.decoder.num_classes = experiment.data.get_ref(
-      'num_classes')
+  head = (experiment.model.network if options.baseline
+          else experiment.model.decoder)
+  head.num_classes = experiment.data.get_ref('num_classes')
   config = common.jaxline_config(
       experiment=experiment, training_steps=training_steps,
       checkpoint_dir=f'/tmp/perceiver_jax/{name}',

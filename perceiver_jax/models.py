@@ -30,7 +30,10 @@ array, Fourier features and permutation; for 'resnet' and 'vit' an image
 preprocessor with prep_type='pixels', whose permuted [M, C] array the
 network reshapes back to the [H, W, C] grid, P1 Sec. 4.2) and `network`
 (the network's constructor arguments, num_classes among them; the grid
-comes from the input), plus `backend`.
+comes from the input), plus `backend`. Inputs without a grid of their own
+(point clouds, P1 Tab. 4) give 'resnet' and 'vit' one with `grid`: a tuple
+whose product is the number of points, filled row-major in the order the
+points arrive.
 
 State: a model with BatchNorm (a ResNet baseline, or an image preprocessor
 with prep_type='conv' and conv_norm='batch_norm', the released conv model)
@@ -166,28 +169,33 @@ def build_baseline(config: ml_collections.ConfigDict) -> baselines.Baseline:
   """Returns the baseline of `config` (the model section); call in hk.
 
   Raises:
-    ValueError: a grid baseline whose preprocessor does not feed one byte
-      array entry per pixel.
+    ValueError: a grid baseline whose preprocessor neither feeds one byte
+      array entry per pixel nor comes with a `grid`.
   """
   kind = model_type(config)
   pre = config.preprocessor
-  if kind in GRID_BASELINES and (pre.type != 'image' or
-                                 pre.get('prep_type', 'pixels') != 'pixels'):
+  grid = config.get('grid')
+  pixels = pre.type == 'image' and pre.get('prep_type', 'pixels') == 'pixels'
+  if kind in GRID_BASELINES and not pixels and grid is None:
     raise ValueError(
-        f'model.type={kind!r} reshapes the byte array to the image grid: it '
-        "needs preprocessor.type='image' with prep_type='pixels', got "
-        f"type={pre.type!r}, prep_type={pre.get('prep_type')!r}.")
+        f'model.type={kind!r} reshapes the byte array to a grid: it needs '
+        "preprocessor.type='image' with prep_type='pixels', or a model.grid "
+        f"(for point clouds), got type={pre.type!r}, "
+        f"prep_type={pre.get('prep_type')!r}.")
+  if grid is not None and kind not in GRID_BASELINES:
+    raise ValueError(f'model.grid is for {GRID_BASELINES}; model.type='
+                     f'{kind!r} reads the byte array as a set.')
   cls = BASELINES[kind]
   kwargs = _kwargs(config.network)
 
-  def make_network(grid):
+  def make_network(input_grid):
     if kind in GRID_BASELINES:
-      return cls(grid=grid, name=kind, **kwargs)
+      return cls(grid=input_grid, name=kind, **kwargs)
     return cls(name=kind, **kwargs)
 
   return baselines.Baseline(
       build_preprocessor(pre, name='preprocessor'), make_network,
-      name='baseline')
+      grid=None if grid is None else tuple(grid), name='baseline')
 
 
 def build_model(config: ml_collections.ConfigDict):

@@ -33,7 +33,10 @@ PRESETS = {
                     'modality=audio_video', 'modality=audio,audio=mel',
                     'modality=audio_video,audio=mel', 'p2', 'debug',
                     'modality=audio_video,debug'],
-    'modelnet40.py': [None, 'debug', 'fixture', 'fixture,seed=2'],
+    'modelnet40.py': [None, 'debug', 'fixture', 'fixture,seed=2',
+                      'baseline=resnet50_ff', 'baseline=vit_b2_ff',
+                      'baseline=transformer_44_ff',
+                      'baseline=vit_b2_ff,debug,seed=1'],
 }
 
 
@@ -89,6 +92,8 @@ def test_imagenet_released_variants_are_checked(arg, match):
     ('imagenet.py', 'baseline=vit_b16,p2', 'excludes the Perceiver presets'),
     ('imagenet.py', 'baseline=resnet50,one_cross', 'excludes'),
     ('imagenet_permuted.py', 'baseline=resnet50_ff,pos=learned', 'excludes'),
+    ('modelnet40.py', 'baseline=vit_b16', 'Unknown baseline'),
+    ('modelnet40.py', 'baseline=resnet50_ff,fixture', 'not with fixture'),
 ])
 def test_baseline_presets_are_checked(name, arg, match):
   with pytest.raises(ValueError, match=match):
@@ -195,3 +200,23 @@ def test_total_steps_follows_training_steps_one_way(name):
   assert (config.training_steps, training.total_steps) == (11, 500)
   config.training_steps = 12  # total_steps, set itself, stays.
   assert training.total_steps == 500
+
+
+@pytest.mark.parametrize('baseline, kind, grid', [
+    ('resnet50_ff', 'resnet', (44, 44)), ('vit_b2_ff', 'vit', (44, 44)),
+    ('transformer_44_ff', 'transformer', None)])
+def test_modelnet40_baselines_read_44x44_points(baseline, kind, grid):
+  config = _load('modelnet40.py', f'baseline={baseline}')
+  exp = config.experiment_kwargs.config
+  base = _load('modelnet40.py', None).experiment_kwargs.config
+  assert exp.model.type == kind
+  assert exp.model.get('grid') == grid
+  assert exp.data.num_points == 44 * 44
+  assert tuple(exp.data.input_shape) == (44 * 44, 3)
+  # The Perceiver's Fourier features and training recipe.
+  assert exp.model.preprocessor.to_dict() == base.model.preprocessor.to_dict()
+  assert exp.optimizer.to_dict() == base.optimizer.to_dict()
+  assert exp.model.network.num_classes == exp.data.num_classes == 40
+  if kind == 'vit':
+    assert exp.model.network.patch_size == 2
+  assert config.checkpoint_dir != _load('modelnet40.py', None).checkpoint_dir

@@ -183,6 +183,25 @@ def test_baseline_paper_sizes(arg):
   assert abs(summary['forward_flops'] / 2e9 / gmacs - 1) < 0.03, summary
 
 
+# P1 Tab. 4's baselines on ModelNet40 (configs/modelnet40.py): 387 Fourier
+# channels per point and a 40-way head. ResNet-50's stem gains
+# 7 * 7 * (387 - 3) * 64 weights and its head loses 960 * 2,049; the ViT's
+# patch embedding reads 2 * 2 * 387 values instead of 16 * 16 * 3.
+MODELNET40_BASELINE_PARAMS = {
+    'baseline=resnet50_ff': 25_557_032 + 7 * 7 * 384 * 64 - 960 * 2049,
+    'baseline=vit_b2_ff': (86_567_656 - (16 * 16 * 3 - 2 * 2 * 387) * 768 -
+                           960 * 769 + (485 - 197) * 768),
+}
+
+
+@pytest.mark.parametrize('arg', sorted(MODELNET40_BASELINE_PARAMS))
+def test_modelnet40_baseline_sizes(arg):
+  exp = test_configs._load('modelnet40.py', arg).experiment_kwargs.config  # pylint: disable=protected-access
+  summary = summary_lib.summarize(exp)
+  assert summary['params'] == MODELNET40_BASELINE_PARAMS[arg]
+  assert summary['byte_array'] == [44 * 44, 387]
+
+
 def test_fourier_features_feed_the_baselines():
   """261 channels: the ResNet's stem and the ViT's patch embedding widen."""
   for arg, extra in (('baseline=resnet50_ff', 7 * 7 * 258 * 64),
@@ -232,3 +251,28 @@ def test_bad_baseline_sections_are_reported():
   with pytest.raises(ValueError, match="prep_type='pixels'"):
     models.make_forward(patches).init(jax.random.key(0), images,
                                       is_training=False)
+
+
+def test_point_cloud_grid_baselines_need_a_matching_grid():
+  from perceiver_jax import models  # pylint: disable=g-import-not-at-top
+  model = test_configs._load('modelnet40.py', 'baseline=vit_b2_ff,debug').experiment_kwargs.config.model  # pylint: disable=protected-access
+  points = jax.numpy.zeros((2, 64, 3))
+  forward = models.make_forward(model)
+  logits = jax.eval_shape(
+      lambda x: forward.apply(forward.init(jax.random.key(0), x,
+                                           is_training=False),
+                              None, x, is_training=False), points)
+  assert logits.shape == (2, 40)
+  with pytest.raises(ValueError, match=r'M=60 positions; the grid \(8, 8\)'):
+    forward.init(jax.random.key(0), points[:, :60], is_training=False)
+  no_grid = model.copy_and_resolve_references()
+  with no_grid.unlocked():
+    del no_grid['grid']
+  with pytest.raises(ValueError, match='or a model.grid'):
+    models.make_forward(no_grid).init(jax.random.key(0), points,
+                                      is_training=False)
+  transformer = test_configs._load('modelnet40.py', 'baseline=transformer_44_ff,debug').experiment_kwargs.config.model.copy_and_resolve_references()  # pylint: disable=protected-access
+  transformer.grid = (8, 8)
+  with pytest.raises(ValueError, match='reads the byte array as a set'):
+    models.make_forward(transformer).init(jax.random.key(0), points,
+                                          is_training=False)

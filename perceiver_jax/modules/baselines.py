@@ -1,7 +1,8 @@
 """The baselines P1 compares the Perceiver with (Tab. 1, 2 and 4).
 
 Shape letters:
-  B: batch size.  H, W: image grid.  M = H * W: byte array length.
+  B: batch size.  H, W: image grid (for point clouds, one the config sets).
+  M = H * W: byte array length.
   C: byte array channels (pixels, + Fourier features for the (FF) rows).
   P: patches.  D: Transformer width.  K: number of classes.
 
@@ -231,25 +232,29 @@ class PixelTransformer(hk.Module):
 
 
 class Baseline(hk.Module):
-  """A preprocessor, then a baseline network: images [B, H, W, F] -> [B, K].
+  """A preprocessor, then a baseline network: inputs [B, *grid, F] -> [B, K].
 
   The preprocessor is the Perceiver's (pixels, Fourier features, and for
   permuted ImageNet the fixed permutation after them), so a baseline sees
   the very byte array [B, M, C] a Perceiver would. The network is made by
-  `make_network(grid)` once the input's grid (H, W) is known: the conv and
-  patch models reshape the byte array back to it.
+  `make_network(grid)` once the grid is known: the conv and patch models
+  reshape the byte array to it. The grid is the input's (H, W) for images;
+  `grid` sets one for inputs without their own (point clouds [B, N, 3]:
+  N = the product of `grid`, placed row-major in input order).
   """
 
   def __init__(self, preprocessor: Callable[..., Any],
                make_network: Callable[[tuple[int, ...]], Callable[..., Any]],
+               grid: Optional[Sequence[int]] = None,
                name: Optional[str] = None):
     super().__init__(name=name)
     self._preprocessor = preprocessor
     self._make_network = make_network
+    self._grid = None if grid is None else tuple(grid)
 
   def __call__(self, inputs: jax.Array, *, is_training: bool) -> jax.Array:
-    """Images [B, *grid, F] -> logits [B, K]."""
-    grid = tuple(inputs.shape[1:-1])
+    """Inputs [B, *input_grid, F] -> logits [B, K]."""
+    grid = self._grid or tuple(inputs.shape[1:-1])
     x, mask = self._preprocessor(inputs, is_training=is_training)
     if mask is not None:
       raise ValueError('The baselines take unpadded grids; the preprocessor '

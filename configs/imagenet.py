@@ -68,6 +68,9 @@ Presets (comma-separated after ':'):
               from the Perceiver row. LAMB trains ResNet-50 at large batch
               (You et al. 2020); the cited 77.6 / 77.9 rows came from their
               own papers' recipes (SGD / Adam), which this does not copy.
+              ResNet-50's logits layer starts as the other Linears
+              (zero_init_logits=False), not at hk.nets' zero: under LAMB a
+              zero weight hardly grows (configs/digits.py measured it).
               With debug: 16x16 images and tiny networks of the same kind.
   debug       16x16 images, a tiny model and a few steps (tests).
   seed=N      initialisation / data-order seed.
@@ -199,7 +202,7 @@ def baseline_network(kind: str, *, num_classes: int, patch_size: int = 16,
                    channels_per_group=(256, 512, 1024, 2048),
                    bottleneck=True, initial_conv_channels=64,
                    initial_conv_kernel_shape=7, initial_conv_stride=2,
-                   strides=(1, 2, 2, 2))
+                   strides=(1, 2, 2, 2), zero_init_logits=False)
     if debug:
       network.update(blocks_per_group=(1, 1, 1, 1),
                      channels_per_group=(8, 8, 16, 16), bottleneck=False,

@@ -12,6 +12,7 @@ evaluated, and when, are free to change.
 """
 
 import json
+import os
 from typing import Any, Mapping
 
 from etils import epath
@@ -108,10 +109,20 @@ def check_resume(saved: Any, current: Mapping[str, Any], step_dir: Any,
 
 
 def write_config_file(root: epath.Path, current: Mapping[str, Any]) -> None:
-  """Writes `<root>/config.json` and logs where it is."""
+  """Writes `<root>/config.json` whole or not at all, and logs where it is.
+
+  A local file goes through a renamed temporary. An object store's upload
+  is already all-or-nothing, and a rename there is a copy and a delete
+  (gcsfs first tries GCS's moveTo, retried for half a minute where a store
+  lacks it), so gs:// and other URLs are written directly.
+  """
   root.mkdir(parents=True, exist_ok=True)
   path = root / CONFIG_FILE
-  tmp = root / f'{CONFIG_FILE}.tmp'
-  tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
-  tmp.replace(path)
+  text = json.dumps(current, indent=2, sort_keys=True)
+  if '://' in os.fspath(path):
+    path.write_text(text)
+  else:
+    tmp = root / f'{CONFIG_FILE}.tmp'
+    tmp.write_text(text)
+    tmp.replace(path)
   _LOG.info('Config: %s', path)

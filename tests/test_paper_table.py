@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from perceiver_jax.analysis import paper_table
+from perceiver_jax.analysis import summary
 from tests import helpers
+from tests import test_configs
 
 # Presets and fields the baselines task adds to configs/ (issue 25, item 2).
 # Until then a row using one must fail with the config's own error naming it;
@@ -282,25 +284,24 @@ def test_checkpoints_mode_names_every_missing_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_script_trains_and_evaluates_a_two_row_table(tmp_path):
-  """End to end: two worker processes train 2 steps each and evaluate."""
+def test_script_trains_and_evaluates_a_row(tmp_path):
+  """End to end: a worker process trains 2 steps and evaluates."""
   out = subprocess.run(
       [sys.executable, os.path.join(helpers.ROOT, 'scripts', 'paper_table.py'),
        '--table=7', '--data=digits', f'--out={tmp_path}', '--seeds=1',
-       '--debug', '--steps=2'],
+       '--debug', '--steps=2', '--rows=shared'],
       cwd=helpers.ROOT, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   results = json.loads((tmp_path / 'results.json').read_text())
-  assert [(r['row'], r['step']) for r in results['runs']] == [
-      ('unshared', 2), ('shared', 2)]
-  for run in results['runs']:
-    assert run['metrics']['eval']['num_examples'] == 300  # The test split.
-    assert run['metrics']['train']['num_examples'] == 1497
-    assert 0 <= run['top_1'] <= 100
-  # The worker counts parameters: unsharing the weights adds some.
-  unshared, shared = (r['params'] for r in results['runs'])
-  assert unshared > shared > 0
-  assert (f'| No weight sharing | {paper_table.format_params(unshared)} | '
-          '72.9 |') in (tmp_path / 'table7_digits.md').read_text()
-  assert '[2/2] shared seed 0: 2 steps' in out.stdout
+  assert [(r['row'], r['step']) for r in results['runs']] == [('shared', 2)]
+  (run,) = results['runs']
+  assert run['metrics']['eval']['num_examples'] == 300  # The test split.
+  assert run['metrics']['train']['num_examples'] == 1497
+  assert 0 <= run['top_1'] <= 100
+  # The worker counts the parameters of the row's own config.
+  exp = test_configs._load('digits.py', 'debug').experiment_kwargs.config  # pylint: disable=protected-access
+  assert run['params'] == summary.summarize(exp)['params']
+  assert (f'| Shared (P1) | {paper_table.format_params(run["params"])} | '
+          '78.0 |') in (tmp_path / 'table7_digits.md').read_text()
+  assert '[1/1] shared seed 0: 2 steps' in out.stdout
   assert (tmp_path / 'table7_digits.png').read_bytes()[:4] == b'\x89PNG'

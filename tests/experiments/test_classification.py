@@ -1,12 +1,7 @@
 """The classification experiment through jaxline, on digits, 8 fake devices."""
 
 import functools
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -264,38 +259,3 @@ def test_init_checkpoint_of_another_model_lists_the_differences(
     experiment._read_init_checkpoint(str(tmp_path / 'learned'), params, state)  # pylint: disable=protected-access
   assert ('preprocessor/position_encoding/pos_embs: checkpoint [64, 4] vs '
           'model [16, 4]') in str(info.value)
-
-
-def _run_train(tmp_path, *flags, **popen_kwargs):
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  return subprocess.Popen(
-      [sys.executable, os.path.join(helpers.ROOT, 'scripts', 'train.py'),
-       '--config=' + os.path.join(helpers.ROOT, 'configs', 'digits.py') +
-       ':debug', f'--config.checkpoint_dir={tmp_path}', *flags],
-      env=env, cwd=helpers.ROOT, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True, **popen_kwargs)
-
-
-@pytest.mark.slow
-def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
-  proc = _run_train(tmp_path, '--config.training_steps=100000',
-                    '--config.save_checkpoint_interval=1000000')
-  deadline = time.time() + 120
-  seen_steps = False
-  while time.time() < deadline and not seen_steps:
-    line = proc.stdout.readline()
-    seen_steps = 'steps/sec' in line or 'loss' in line
-  assert seen_steps, 'training never started'
-  time.sleep(2)
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 143, out[-3000:]
-  saved = int(checkpointing.restore_checkpoint(str(tmp_path))['global_step'])
-  assert saved > 0  # Saved on SIGTERM despite the huge save interval.
-  proc = _run_train(tmp_path, f'--config.training_steps={saved + 3}',
-                    '--allow_config_change')  # Extends the run.
-  out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out[-3000:]
-  assert int(checkpointing.restore_checkpoint(
-      str(tmp_path))['global_step']) == saved + 3

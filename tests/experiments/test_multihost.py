@@ -153,7 +153,8 @@ def test_sigterm_on_one_host_stops_both_at_one_checkpoint(tmp_path):
   """A preempted TPU VM worker: SIGTERM reaches one process of two. The stop
   vote travels through the update, so both stop after the same step, one
   checkpoint is written (by process 0) and both exit 143; the same command
-  on both then resumes from it."""
+  on both then resumes from it. The signalled process takes the path of a
+  one-host run's SIGTERM, so this also stands for one host."""
   procs = _train_processes(tmp_path, 'first', '--config.training_steps=100000',
                            '--config.save_checkpoint_interval=1000000')
   deadline = time.time() + 240
